@@ -1,0 +1,117 @@
+"""torchrun / DDP in a dozen lines, as nanoGPT does it: read RANK / LOCAL_RANK / WORLD_SIZE, pick the
+backend by device (nccl on GPU, gloo on CPU), only rank 0 logs and saves.
+
+    torchrun --nproc_per_node=2 script.py ...   # 2 processes (GPUs if present, else CPU with gloo)
+    python script.py ...                        # 1 process, no process group
+"""
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    @property
+    def distributed(self):
+        return self.world_size > 1
+
+
+def setup(device="auto"):
+    """Initialises the process group when launched by torchrun; returns DistInfo with the device to use.
+    ``device``: 'auto' (cuda if available), 'cpu' or 'cuda'."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if use_cuda:
+        torch.cuda.set_device(local)
+        dev = torch.device("cuda", local)
+    else:
+        dev = torch.device("cpu")
+        if world > 1:  # two CPU processes on a small machine: do not let each take every core
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world)
+    return DistInfo(rank, local, world, dev)
+
+
+def cleanup():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(t):
+    """Sums a tensor over processes in place (no-op in one process) and returns it."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def broadcast_object(obj, src=0):
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [obj]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
+    return obj
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class ShardSampler(torch.utils.data.Sampler):
+    """Evaluation sampler: rank r takes items r, r+W, r+2W, ... with no padding, so every sample is
+    counted exactly once over the processes (DistributedSampler pads with duplicates)."""
+
+    def __init__(self, n, rank=0, world_size=1):
+        self.indices = list(range(rank, n, world_size))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+
+class InfiniteSampler(torch.utils.data.Sampler):
+    """Training sampler for iteration-based schedules: an endless shuffled stream, sharded over ranks.
+    It yields ``(index, sample_seed)`` pairs: datasets draw their augmentation from
+    ``numpy.random.default_rng(sample_seed)``, so what a sample looks like depends only on (seed, rank,
+    position), not on worker processes. ``start`` skips the first positions, so a resumed run sees
+    exactly the samples an uninterrupted run would have seen."""
+
+    def __init__(self, n, rank=0, world_size=1, seed=0, start=0):
+        if n == 0:
+            raise ValueError("InfiniteSampler over an empty dataset")
+        self.n, self.rank, self.world, self.seed, self.start = n, rank, world_size, seed, start
+
+    def __iter__(self):
+        epoch, pos = 0, 0
+        while True:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            perm = torch.randperm(self.n, generator=g).tolist()
+            for i in perm[self.rank::self.world] if self.n >= self.world else perm:
+                if pos >= self.start:
+                    yield i, (self.seed * 1_000_003 + self.rank) * 10_000_019 + pos
+                pos += 1
+            epoch += 1

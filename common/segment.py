@@ -1,0 +1,124 @@
+"""Encoder-decoder segmentor, its loss, whole-image and sliding-window inference, and the evaluation loop.
+
+Reference: mmseg's EncoderDecoder (`encode_decode`, `slide_inference`, `whole_inference`) and
+CrossEntropyLoss with ``avg_non_ignore=False``: the mean runs over ALL pixels, ignored ones adding 0.
+Attribute names (backbone, decode_head, auxiliary_head) are mmseg's so checkpoints keep their prefixes.
+"""
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .metrics import SegMetric
+
+
+def resize(x, size):
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+class EncoderDecoder(nn.Module):
+    """backbone(img) -> list of maps; decode_head(maps) -> logits at stride 4; optional auxiliary_head."""
+
+    def __init__(self, backbone, decode_head, auxiliary_head=None, aux_weight=0.4):
+        super().__init__()
+        self.backbone, self.decode_head, self.auxiliary_head = backbone, decode_head, auxiliary_head
+        self.aux_weight = aux_weight
+
+    def forward(self, img):
+        """Logits resized to the input size, (B, K, H, W): mmseg's encode_decode."""
+        return resize(self.decode_head(self.backbone(img)), img.shape[2:])
+
+    def forward_train(self, img, label):
+        """Returns (total loss, dict of the parts) for a padded batch: decode + aux_weight * aux."""
+        feats = self.backbone(img)
+        losses = {"loss_decode": seg_loss(self.decode_head(feats), label)}
+        if self.auxiliary_head is not None:
+            losses["loss_aux"] = self.aux_weight * seg_loss(self.auxiliary_head(feats), label)
+        return sum(losses.values()), losses
+
+
+def seg_loss(logits, label, ignore_index=255):
+    """Cross-entropy of logits (B, K, h, w) upsampled to the label size (B, H, W); the mean is over every
+    pixel, ignored ones included as zeros (mmseg avg_non_ignore=False)."""
+    logits = resize(logits, label.shape[-2:])
+    return F.cross_entropy(logits, label, ignore_index=ignore_index, reduction="none").mean()
+
+
+@torch.no_grad()
+def slide_inference(model, img, num_classes, crop, stride, pad_windows=False):
+    """mmseg slide_inference: windows of ``crop`` every ``stride`` (the last one clamped to the border),
+    logits summed and divided by the number of windows covering each pixel. img (B, 3, H, W) ->
+    (B, K, H, W). ``pad_windows`` pads a window smaller than the crop (image smaller than the crop) for
+    models that need a fixed input size."""
+    (hc, wc), (hs, ws) = crop, stride
+    b, _, h, w = img.shape
+    hg = max(h - hc + hs - 1, 0) // hs + 1
+    wg = max(w - wc + ws - 1, 0) // ws + 1
+    logits = img.new_zeros((b, num_classes, h, w))
+    count = img.new_zeros((1, 1, h, w))
+    for i in range(hg):
+        for j in range(wg):
+            y1, x1 = i * hs, j * ws
+            y2, x2 = min(y1 + hc, h), min(x1 + wc, w)
+            y1, x1 = max(y2 - hc, 0), max(x2 - wc, 0)
+            win = img[:, :, y1:y2, x1:x2]
+            if pad_windows and (win.shape[2] < hc or win.shape[3] < wc):
+                out = model(F.pad(win, (0, wc - win.shape[3], 0, hc - win.shape[2])))[:, :, :y2 - y1, :x2 - x1]
+            else:
+                out = model(win)
+            logits[:, :, y1:y2, x1:x2] += out
+            count[:, :, y1:y2, x1:x2] += 1
+    return logits / count
+
+
+@torch.no_grad()
+def predict(model, img, ori_size, num_classes, mode="whole", crop=None, stride=None, pad_windows=False):
+    """Class probabilities at the original image size, (B, K, H0, W0): whole or slide inference on the
+    test-resized image, bilinear resize of the logits to the original size, softmax."""
+    if mode == "slide":
+        logits = slide_inference(model, img, num_classes, crop, stride, pad_windows)
+    elif mode == "whole":
+        logits = model(img)
+    else:
+        raise ValueError(f"unknown inference mode {mode!r} (expected 'whole' or 'slide')")
+    return resize(logits, ori_size).softmax(dim=1)
+
+
+@torch.no_grad()
+def evaluate(model, loader, num_classes, device, infer=None, show_progress=True, vis=None):
+    """Runs ``infer(model, img, ori_size) -> probs (1, K, H0, W0)`` over the loader (batch 1, any sizes),
+    accumulates per-class areas, sums them over processes and returns the metric dict. ``vis`` is an
+    optional callable(name, pred) that writes an overlay (the caller decides how many)."""
+    infer = infer or (lambda m, x, size: predict(m, x, size, num_classes))
+    was_training = model.training
+    model.eval()
+    metric = SegMetric(num_classes, device=device)
+    for sample in tqdm(loader, desc="eval", disable=not show_progress, leave=False):
+        img, label = sample["img"].to(device), sample["label"].to(device)
+        pred = infer(model, img, label.shape[-2:]).argmax(dim=1)  # (1, H0, W0)
+        metric.update(pred, label)
+        if vis is not None:
+            name = sample["name"][0] if isinstance(sample["name"], (list, tuple)) else sample["name"]
+            vis(name, pred[0].cpu())
+    model.train(was_training)
+    return metric.reduce().compute()
+
+
+def overlay_writer(out_dir, dataset, palette, limit=8):
+    """A ``vis`` callable for evaluate(): writes ``out_dir/<name>.png`` colour overlays for the first
+    ``limit`` images (the dataset re-reads the original image by name)."""
+    from .palettes import save_overlay
+    from .seg_data import imread
+    paths = {os.path.splitext(os.path.basename(p))[0]: p for p, _ in getattr(dataset, "items", [])}
+    written = []
+
+    def vis(name, pred):
+        if len(written) >= limit:
+            return
+        img = imread(paths[name]) if name in paths else dataset.original_image(name)
+        os.makedirs(out_dir, exist_ok=True)
+        save_overlay(os.path.join(out_dir, f"{name}.png"), img, pred.numpy(), palette)
+        written.append(name)
+    return vis
