@@ -49,11 +49,14 @@ def strip_prefix(sd, prefix):
     return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
 
 
-def load_state_dict_checked(model, sd, source, allow_missing=(), allow_unexpected=()):
+def load_state_dict_checked(model, sd, source, allow_missing=(), allow_unexpected=(), expect=None):
     """model.load_state_dict that explains itself: one readable block listing missing / unexpected /
     mis-shaped keys, raised as UserError naming ``source``. ``allow_*`` are key prefixes that may
-    legitimately be absent (e.g. adapters the checkpoint never had) or extra (e.g. a classifier head)."""
+    legitimately be absent (e.g. adapters the checkpoint never had) or extra (e.g. a classifier head).
+    ``expect(name)`` restricts which of the model's keys the file must provide (a partial load)."""
     own = model.state_dict()
+    if expect is not None:
+        own = {k: v for k, v in own.items() if expect(k)}
     shape_err = [f"  {k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
                  for k, v in sd.items() if k in own and own[k].shape != v.shape]
     missing = [k for k in own if k not in sd and not k.startswith(tuple(allow_missing))]

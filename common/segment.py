@@ -26,12 +26,12 @@ class EncoderDecoder(nn.Module):
         self.backbone, self.decode_head, self.auxiliary_head = backbone, decode_head, auxiliary_head
         self.aux_weight = aux_weight
 
-    def forward(self, img):
-        """Logits resized to the input size, (B, K, H, W): mmseg's encode_decode."""
-        return resize(self.decode_head(self.backbone(img)), img.shape[2:])
-
-    def forward_train(self, img, label):
-        """Returns (total loss, dict of the parts) for a padded batch: decode + aux_weight * aux."""
+    def forward(self, img, label=None):
+        """Without label: logits resized to the input size, (B, K, H, W) (mmseg's encode_decode).
+        With label (B, H, W): (total loss, dict of the parts) = decode + aux_weight * aux. One forward
+        for both, so DistributedDataParallel sees the training pass."""
+        if label is None:
+            return resize(self.decode_head(self.backbone(img)), img.shape[2:])
         feats = self.backbone(img)
         losses = {"loss_decode": seg_loss(self.decode_head(feats), label)}
         if self.auxiliary_head is not None:

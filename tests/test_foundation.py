@@ -1,0 +1,86 @@
+"""common/io.py and common/train.py: checkpoint safety, atomic writes, schedules, samplers."""
+import math
+import os
+
+import pytest
+import torch
+
+from common.dist import InfiniteSampler, ShardSampler
+from common.io import UserError, atomic_save, load_checkpoint, load_state_dict_checked
+from common.train import warmup_cosine, warmup_poly, warmup_poly_mmcv
+
+
+class Pickled:  # an arbitrary Python object: needs pickle
+    pass
+
+
+def test_checkpoint_that_needs_pickle_is_refused(tmp_path):
+    p = tmp_path / "bad.pt"
+    torch.save({"obj": Pickled()}, p)
+    with pytest.raises(UserError, match="needs pickle") as e:
+        load_checkpoint(p)
+    assert str(p) in str(e.value)
+
+
+def test_missing_and_corrupt_checkpoint(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        load_checkpoint(tmp_path / "nope.pt")
+    p = tmp_path / "junk.pt"
+    p.write_bytes(b"not a torch file at all")
+    with pytest.raises(UserError, match="junk.pt"):
+        load_checkpoint(p)
+
+
+def test_atomic_save_keeps_old_file_when_writing_fails(tmp_path):
+    p = tmp_path / "last.pt"
+    atomic_save({"x": torch.ones(2)}, p)
+
+    class Unsaveable:
+        def __reduce__(self):
+            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError):
+        atomic_save({"x": Unsaveable()}, p)
+    assert torch.equal(load_checkpoint(p)["x"], torch.ones(2))  # the old file is intact
+    assert os.listdir(tmp_path) == ["last.pt"]                   # no temporary left behind
+
+
+def test_state_dict_report_names_every_problem(tmp_path):
+    m = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 1))
+    sd = {"0.weight": torch.zeros(3, 2), "0.bias": torch.zeros(4), "9.weight": torch.zeros(1)}
+    with pytest.raises(UserError) as e:
+        load_state_dict_checked(m, sd, "ckpt.pth")
+    msg = str(e.value)
+    assert "ckpt.pth" in msg and "1.weight" in msg and "9.weight" in msg and "0.bias" in msg
+    sd = {k: v.clone() + 1 for k, v in m.state_dict().items()}
+    load_state_dict_checked(m, sd, "ok")
+    assert torch.equal(m[0].weight, sd["0.weight"])
+
+
+def test_warmup_poly_matches_mmengine_schedule():
+    # LinearLR(start_factor=1e-6, end=10) then PolyLR(power=1, eta_min=0) to iteration 100
+    assert warmup_poly(0, 100, 10) == pytest.approx(1e-6)
+    assert warmup_poly(5, 100, 10) == pytest.approx(1e-6 + (1 - 1e-6) * 0.5)
+    assert warmup_poly(10, 100, 10) == 1.0
+    assert warmup_poly(55, 100, 10) == pytest.approx(0.5)
+    assert warmup_poly(100, 100, 10) == 0.0
+    # mmcv 1.x: warmup multiplied onto the poly of the whole run
+    assert warmup_poly_mmcv(5, 100, 10) == pytest.approx(0.95 * (1 - 0.5 * (1 - 1e-6)))
+    assert warmup_poly_mmcv(50, 100, 10) == pytest.approx(0.5)
+
+
+def test_warmup_cosine():
+    assert warmup_cosine(0, 70, 10) == 0.0
+    assert warmup_cosine(10, 70, 10) == 1.0
+    assert warmup_cosine(40, 70, 10) == pytest.approx(0.5)
+    assert warmup_cosine(70, 70, 10) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_samplers_cover_and_resume():
+    shards = [list(ShardSampler(7, r, 3)) for r in range(3)]
+    assert sorted(sum(shards, [])) == list(range(7))
+    full = InfiniteSampler(5, rank=1, world_size=2, seed=3)
+    it = iter(full)
+    first = [next(it) for _ in range(12)]
+    resumed = iter(InfiniteSampler(5, rank=1, world_size=2, seed=3, start=7))
+    assert [next(resumed) for _ in range(5)] == first[7:]
+    assert len({s for _, s in first}) == 12  # every position has its own augmentation seed
