@@ -109,3 +109,18 @@ class JsonLog:
         record = {"time": round(time.time(), 3), **record}
         with open(self.path, "a") as f:
             f.write(json.dumps(record, default=float) + "\n")
+
+
+def cli(main):
+    """Runs ``main()`` as a script: a UserError ends the process with one line ``error: ...`` and exit
+    code 2. DataLoader workers re-raise a worker's UserError with the worker's traceback in its text;
+    only the message itself is shown."""
+    import sys
+    try:
+        return main()
+    except UserError as e:
+        msg = str(e)
+        if "Traceback (most recent call last)" in msg:
+            msg = msg.rsplit("UserError: ", 1)[-1].strip()
+        print(f"error: {msg}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,464 @@
+"""ProPETL: Progressive Parameter-Efficient Transfer Learning for Semantic Segmentation (ICLR 2025).
+
+Zhou, Wang, Zheng, Huang. Official code: github.com/weeknan/ProPETL (MMSegmentation 1.1). This file is
+the whole method in plain PyTorch: a frozen Swin-L, an AdaptFormer adapter in every block trained on a
+*midstream* task (predict each image's class-area histogram), then a *downstream* stage where those
+adapters are frozen and a second adapter, fed the concatenation of the plain and the midstream-adapted
+activations, is trained with UperNet ("Decoupled Structured Adaptation"). Spec: shared/papers/propetl.md.
+
+    # the paper's recipe on PASCAL VOC 2012 (Swin-L IN-22k, 640 crops, batch 16 = 2 GPUs x 8):
+    torchrun --nproc_per_node=2 propetl.py --stage mid  --dataset voc --data-root data/VOCdevkit/VOC2012 \
+        --pretrained pretrain/swin_large_patch4_window7_224_22k.pth --work-dir work_dirs/voc_mid
+    torchrun --nproc_per_node=2 propetl.py --stage down --dataset voc --data-root data/VOCdevkit/VOC2012 \
+        --pretrained pretrain/swin_large_patch4_window7_224_22k.pth \
+        --mid-checkpoint work_dirs/voc_mid/last.pt --work-dir work_dirs/voc_down
+    # baselines of the paper's comparison: --stage full (full fine-tuning), --stage adaptformer
+    # evaluate:  python propetl.py --stage down --dataset voc --data-root ... --eval-only --checkpoint best.pt
+    # one process (GPU if present, else CPU): python propetl.py ... ; several nodes: torchrun's own flags.
+
+Choices where the official code is odd (all reproduced, see spec section 7):
+- the midstream target is the class-area histogram of the padded 640x640 label, ignore/padding pixels in
+  the denominator (it sums to the labelled fraction, not to 1); no norm before the pooled head;
+- the downstream out-norms norm0..3 are not in the checkpoint: they stay weight 1 / bias 0 and frozen;
+- ADE20K downstream trains on 512 crops padded to 640 (the released config's effective behaviour);
+- the midstream adapter's output only feeds the new adapter, it is not added to the residual stream;
+  its dropout and the backbone's DropPath stay active while training (modules stay in train mode);
+- the best checkpoint is chosen on the evaluation split every --eval-interval iterations, as
+  mmseg's save_best='mIoU' does; log.jsonl keeps every evaluation, so the last one is reported too.
+Cityscapes has no released ProPETL config: its preset is ours (mmseg's Swin Cityscapes schedule).
+"""
+import argparse
+import functools
+import os
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from common import dist as D
+from common.io import JsonLog, UserError, cli, load_checkpoint, load_state_dict_checked, unwrap_state_dict
+from common.palettes import get_palette
+from common.seg_data import DATASETS, SyntheticSeg, TestTransform, TrainTransform, build_dataset
+from common.segment import EncoderDecoder, evaluate, overlay_writer, predict
+from common.swin import SWIN_SIZES, SwinBlock, SwinTransformer, load_swin_pretrained
+from common.train import (count_params, freeze_all_but, init_lr, param_groups, resume_state, save_state,
+                          set_lr, summary, warmup_poly)
+from common.upernet import FCNHead, UPerHead
+
+# ----------------------------------------------------------------------------------------------------
+# Presets: the released configs (spec sections 2.5, 2.6, 3.4, 5). Every value can be overridden by a flag.
+
+PRESETS = {
+    # dataset: classes, adapter reduction r, midstream and downstream recipes
+    "voc": dict(r=24, test_scale=(2048, 512),
+                mid=dict(iters=20_000, warmup=250, lr=6e-5, weight_decay=0.01, scale=(2048, 512), crop=640, pad=640),
+                down=dict(iters=40_000, warmup=500, lr=1e-4, weight_decay=0.01, scale=(2048, 512), crop=640, pad=640)),
+    "ade20k": dict(r=24, test_scale=(2048, 512),
+                   mid=dict(iters=80_000, warmup=500, lr=6e-5, weight_decay=0.01, scale=(2560, 640), crop=640, pad=640),
+                   down=dict(iters=160_000, warmup=1500, lr=3e-4, weight_decay=0.02, scale=(2048, 512), crop=512,
+                             pad=640)),
+    "coco_stuff10k": dict(r=48, test_scale=(2048, 512),
+                          mid=dict(iters=40_000, warmup=500, lr=6e-5, weight_decay=0.01, scale=(2048, 512), crop=640,
+                                   pad=640),
+                          down=dict(iters=80_000, warmup=500, lr=6e-5, weight_decay=0.01, scale=(2048, 512), crop=640,
+                                    pad=640)),
+    # not released by the authors: mmseg's Swin Cityscapes recipe (512x1024 crops, 80k) with VOC's lr
+    "cityscapes": dict(r=24, test_scale=(2048, 1024),
+                       mid=dict(iters=40_000, warmup=500, lr=6e-5, weight_decay=0.01, scale=(2048, 1024), crop=(512, 1024),
+                                pad=(512, 1024)),
+                       down=dict(iters=80_000, warmup=1500, lr=1e-4, weight_decay=0.01, scale=(2048, 1024),
+                                 crop=(512, 1024), pad=(512, 1024))),
+    # no files: the quick start and the tests (images of 128x128, pass a small Swin by flags)
+    "synthetic": dict(r=8, test_scale=(128, 128),
+                      mid=dict(iters=300, warmup=20, lr=1e-3, weight_decay=0.01, scale=(128, 128), crop=96, pad=96),
+                      down=dict(iters=300, warmup=20, lr=1e-3, weight_decay=0.01, scale=(128, 128), crop=96, pad=96)),
+}
+PRESETS["voc_aug"] = PRESETS["voc"]
+# full fine-tuning baseline: mmseg's UperNet + Swin recipe (AdamW 6e-5, wd 0.01, warmup 1500), downstream schedule
+FULL_FT = dict(lr=6e-5, weight_decay=0.01, warmup=1500)
+PALETTE_OF = {"voc": "voc", "voc_aug": "voc", "ade20k": "ade20k", "coco_stuff10k": "coco_stuff",
+              "cityscapes": "cityscapes"}
+NO_DECAY = ("absolute_pos_embed", "relative_position_bias_table", "norm")  # mmengine decay_mult=0 keys
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    a = p.add_argument
+    a("--stage", required=True, choices=["mid", "down", "full", "adaptformer"],
+      help="mid: adapters on the class-histogram task; down: ProPETL segmentation (needs --mid-checkpoint);\n"
+           "full: full fine-tuning baseline; adaptformer: one adapter trained directly on segmentation")
+    a("--dataset", default="synthetic", choices=sorted(PRESETS), help="dataset and its preset recipe")
+    a("--data-root", default=None, help="dataset root in its official layout (not needed for synthetic)")
+    a("--work-dir", default="work_dirs/propetl", help="holds last.pt, best.pt, log.jsonl and vis/")
+    a("--pretrained", default=None, help="Swin checkpoint: official Microsoft (.pth, 'model'), timm or mmseg layout")
+    a("--mid-checkpoint", default=None, help="--stage down: the midstream run's last.pt (or the official iter_*.pth)")
+    # backbone
+    a("--swin", default="large", choices=sorted(SWIN_SIZES), help="Swin size (paper: large, IN-22k)")
+    a("--embed-dim", type=int, default=None, help="override the Swin width (small runs)")
+    a("--depths", type=int, nargs=4, default=None, help="override the Swin depths")
+    a("--num-heads", type=int, nargs=4, default=None, help="override the Swin heads")
+    a("--window-size", type=int, default=7, help="attention window (pre-training used 7)")
+    a("--drop-path", type=float, default=0.3, help="stochastic depth, linear over the blocks (paper 0.3)")
+    a("--r", type=int, default=None, help="adapter reduction: bottleneck = C // r (preset: 24, COCO 48)")
+    a("--head-channels", type=int, default=512, help="UperNet channels (paper 512; the FCN aux head has half)")
+    # schedule
+    a("--iters", type=int, default=None, help="iterations (preset per stage)")
+    a("--batch-size", type=int, default=16, help="global batch over all processes (paper 16)")
+    a("--lr", type=float, default=None, help="AdamW lr (preset per stage)")
+    a("--weight-decay", type=float, default=None, help="AdamW weight decay (preset per stage)")
+    a("--warmup", type=int, default=None, help="linear warmup iterations from 1e-6 x lr (preset)")
+    a("--crop", type=int, nargs="+", default=None, help="training crop (h [w])")
+    a("--scale", type=int, nargs=2, default=None, help="random-resize base scale (long short)")
+    a("--test-scale", type=int, nargs=2, default=None, help="test keep-ratio resize (long short)")
+    a("--eval-mode", default="whole", choices=["whole", "slide"], help="test inference (the configs: whole)")
+    a("--eval-interval", type=int, default=1000, help="evaluate and keep the best every N iterations")
+    a("--ckpt-interval", type=int, default=1000, help="write last.pt every N iterations")
+    a("--log-interval", type=int, default=50, help="log the loss every N iterations")
+    a("--num-classes", type=int, default=None, help="synthetic only: number of classes (default 6)")
+    a("--num-samples", type=int, default=None, help="synthetic only: images per split")
+    a("--workers", type=int, default=2, help="data-loading processes per training process")
+    a("--seed", type=int, default=0)
+    a("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    a("--resume", action="store_true", help="continue exactly from work-dir/last.pt")
+    a("--eval-only", action="store_true", help="evaluate --checkpoint (or work-dir/best.pt) and exit")
+    a("--checkpoint", default=None, help="with --eval-only: the checkpoint to evaluate")
+    a("--summary", action="store_true", help="print parameter counts per module group and exit (no data)")
+    a("--vis", type=int, default=8, help="colour overlays written to work-dir/vis per evaluation")
+    a("--stop-at", type=int, default=None, help="stop after this iteration as if interrupted (tests --resume)")
+    args = p.parse_args(argv)
+    # fill what the flags left open from the preset
+    preset = PRESETS[args.dataset]
+    stage = preset["mid"] if args.stage == "mid" else preset["down"]
+    if args.stage == "full" and args.dataset != "synthetic":
+        stage = {**stage, **FULL_FT}
+    args.r = args.r or preset["r"]
+    for k in ("iters", "lr", "weight_decay", "warmup", "scale"):
+        if getattr(args, k) is None:
+            setattr(args, k, stage[k])
+    args.crop, args.pad = _pair(args.crop or stage["crop"]), _pair(stage["pad"])
+    args.pad = tuple(max(c, q) for c, q in zip(args.crop, args.pad))  # pad the batch to at least the crop
+    args.test_scale = tuple(args.test_scale or preset["test_scale"])
+    if args.dataset != "synthetic" and not args.summary and not args.data_root:
+        p.error(f"--data-root is required for --dataset {args.dataset}")
+    return args
+
+
+def _pair(v):
+    """640 -> (640, 640); [512] -> (512, 512); [512, 1024] -> (512, 1024)."""
+    v = [v] if isinstance(v, int) else list(v)
+    return tuple(v * 2 if len(v) == 1 else v[:2])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Model: the adapter, the two block variants, the midstream classifier (spec sections 2.1-2.3, 3.1)
+
+class Adapter(nn.Module):
+    """AdaptFormer bottleneck: down -> ReLU -> dropout(0.1) -> up, times a fixed 0.1. The up-projection
+    starts at zero ("lora" init), so a new adapter changes nothing at step 0."""
+
+    def __init__(self, in_dim, bottleneck, out_dim=None, scale=0.1, dropout=0.1):
+        super().__init__()
+        self.down_proj = nn.Linear(in_dim, bottleneck)
+        self.up_proj = nn.Linear(bottleneck, out_dim or in_dim)
+        self.dropout = nn.Dropout(dropout)
+        self.scale = scale
+        nn.init.zeros_(self.down_proj.bias)  # weight: PyTorch's default kaiming-uniform(a=sqrt(5))
+        nn.init.zeros_(self.up_proj.weight)
+        nn.init.zeros_(self.up_proj.bias)
+
+    def forward(self, x):
+        return self.up_proj(self.dropout(F.relu(self.down_proj(x)))) * self.scale
+
+
+class MidBlock(SwinBlock):
+    """Swin block + the midstream adapter, parallel to the MLP, reading the post-attention stream; its
+    output bypasses DropPath. Also the plain AdaptFormer baseline block."""
+
+    def __init__(self, dim, *args, r=24, **kw):
+        super().__init__(dim, *args, **kw)
+        self.adaptmlp = Adapter(dim, dim // r)
+
+    def forward(self, x, hw):
+        x = x + self.drop_path(self.window_msa(self.norm1(x), hw))
+        a = self.adaptmlp(x)
+        x = x + self.drop_path(self.mlp(self.norm2(x)))
+        return x + a
+
+
+class TwoConcatBlock(MidBlock):
+    """Downstream block ("two_concat"): the frozen midstream adapter's result r only feeds the new adapter,
+    which reads concat(plain, midstream-adapted) and alone writes to the residual stream."""
+
+    def __init__(self, dim, *args, r=24, **kw):
+        super().__init__(dim, *args, r=r, **kw)
+        self.adaptmlp_train = Adapter(2 * dim, 2 * (dim // r), out_dim=dim)
+
+    def forward(self, x, hw):
+        x = x + self.drop_path(self.window_msa(self.norm1(x), hw))
+        a = self.adaptmlp(x)                                       # frozen midstream adapter
+        x = x + self.drop_path(self.mlp(self.norm2(x)))            # x_f: the plain frozen block's output
+        d = self.adaptmlp_train(torch.cat([x, x + a], dim=-1))     # (B, L, 2C) -> (B, L, C)
+        return x + d
+
+
+class MidstreamModel(nn.Module):
+    """Frozen Swin with adapters + the global head: mean of the RAW stage-4 tokens (no LayerNorm) ->
+    Linear(C, C) -> Linear(C, K), no activation between (spec 2.3)."""
+
+    def __init__(self, backbone, num_classes):
+        super().__init__()
+        self.backbone = backbone
+        c = backbone.num_features[-1]
+        self.final_proj = nn.Linear(c, c)
+        self.final_proj_cls = nn.Linear(c, num_classes)
+
+    def forward(self, img):
+        tokens, _ = self.backbone.forward_tokens(img)[-1]          # (B, h*w, C) of stage 4
+        return self.final_proj_cls(self.final_proj(tokens.mean(dim=1)))  # (B, K)
+
+
+def histogram_target(label, num_classes):
+    """Soft class-area target: t_k = #{pixels == k} / (H*W) for k < K over the padded label; ignored and
+    padding pixels (255) count in the denominator only (spec 2.3)."""
+    b = label.shape[0]
+    flat = label.reshape(b, -1)
+    valid = flat < num_classes
+    counts = torch.zeros(b, num_classes, dtype=torch.float32, device=label.device)
+    counts.scatter_add_(1, flat.clamp(max=num_classes - 1) * valid, valid.float())
+    return counts / flat.shape[1]
+
+
+def soft_cross_entropy(logits, target):
+    """-(1/B) sum_b sum_k t_bk log softmax(z_b)_k (F.cross_entropy with probability targets)."""
+    return -(target * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+
+
+def build_model(args, num_classes):
+    """The network of each stage; every parameter's requires_grad is set as the paper trains it."""
+    size = dict(SWIN_SIZES[args.swin])
+    for k, v in (("embed_dim", args.embed_dim), ("depths", args.depths), ("num_heads", args.num_heads)):
+        if v is not None:
+            size[k] = tuple(v) if isinstance(v, list) else v
+    block = {"mid": MidBlock, "adaptformer": MidBlock, "down": TwoConcatBlock, "full": SwinBlock}[args.stage]
+    if block is not SwinBlock:
+        block = functools.partial(block, r=args.r)
+    backbone = SwinTransformer(**size, window_size=args.window_size, drop_path_rate=args.drop_path, block=block)
+    if args.stage == "mid":
+        model = MidstreamModel(backbone, num_classes)
+        trainable = lambda n: "adaptmlp" in n or "final_proj" in n
+    else:
+        c = backbone.num_features
+        model = EncoderDecoder(backbone, UPerHead(c, args.head_channels, num_classes),
+                               FCNHead(c[2], args.head_channels // 2, num_classes), aux_weight=0.4)
+        trainable = {"down": lambda n: "adaptmlp_train" in n or not n.startswith("backbone."),
+                     "adaptformer": lambda n: "adaptmlp" in n or not n.startswith("backbone."),
+                     "full": lambda n: True}[args.stage]
+    freeze_all_but(model, trainable)
+    return model
+
+
+def load_weights(args, model):
+    """Pre-trained Swin into the backbone; for --stage down, the midstream adapters on top (frozen)."""
+    if args.pretrained:
+        load_swin_pretrained(model.backbone, args.pretrained, allow_missing=("adaptmlp",))
+    if args.stage == "down":
+        if not args.mid_checkpoint:
+            raise UserError("--stage down needs --mid-checkpoint (the midstream run's last.pt)")
+        sd = unwrap_state_dict(load_checkpoint(args.mid_checkpoint, "--mid-checkpoint"))
+        # ours: backbone.layers.i.blocks.j.adaptmlp.* ; official mmseg run: backbone.stages.i.blocks.j.adaptmlp.*
+        mid = {k.split("backbone.", 1)[-1].replace("stages.", "layers.", 1): v for k, v in sd.items()
+               if ".adaptmlp." in k}
+        if not mid:
+            raise UserError(f"--mid-checkpoint {args.mid_checkpoint} holds no midstream adapter weights "
+                            "(keys '...adaptmlp...'); is it the midstream run's checkpoint?")
+        load_state_dict_checked(model.backbone, mid, f"--mid-checkpoint {args.mid_checkpoint}",
+                                expect=lambda k: ".adaptmlp." in k)
+
+
+def summarize(model):
+    groups = {
+        "backbone (Swin)": lambda n: n.startswith("backbone.") and "adaptmlp" not in n,
+        "midstream adapters": lambda n: ".adaptmlp." in n,
+        "downstream adapters": lambda n: ".adaptmlp_train." in n,
+        "midstream head": lambda n: n.startswith("final_proj"),
+        "decode head (UperNet)": lambda n: n.startswith("decode_head."),
+        "auxiliary head (FCN)": lambda n: n.startswith("auxiliary_head."),
+    }
+    return summary(model, groups)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data
+
+def build_data(args, num_classes=None):
+    train_tf = TrainTransform(scale=args.scale, crop=args.crop)
+    test_tf = TestTransform(scale=args.test_scale)
+    if args.dataset == "synthetic":
+        k = args.num_classes or 6
+        n = args.num_samples or 64
+        train = SyntheticSeg(n, k, size=(128, 128), split="train", transform=train_tf, seed=args.seed)
+        val = SyntheticSeg(max(8, n // 4), k, size=(128, 128), split="val", transform=test_tf, seed=args.seed)
+    else:
+        train = build_dataset(args.dataset, args.data_root, "train", train_tf)
+        val = build_dataset(args.dataset, args.data_root, "val", test_tf)
+    return train, val
+
+
+def pad_batch(img, label, size):
+    """Pads right/bottom to ``size`` (image 0 after normalisation, label 255): mmseg's pre-processor."""
+    ph, pw = size[0] - img.shape[-2], size[1] - img.shape[-1]
+    if ph > 0 or pw > 0:
+        img = F.pad(img, (0, max(pw, 0), 0, max(ph, 0)), value=0.0)
+        label = F.pad(label, (0, max(pw, 0), 0, max(ph, 0)), value=255)
+    return img, label
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training
+
+def main(argv=None):
+    args = get_args(argv)
+    num_classes = DATASETS[args.dataset]["num_classes"] if args.dataset != "synthetic" else (args.num_classes or 6)
+    if args.summary:
+        with torch.device("meta"):
+            model = build_model(args, num_classes)
+        summarize(model)
+        return None
+
+    info = D.setup(args.device)
+    try:
+        return run(args, info, num_classes)
+    finally:
+        D.cleanup()
+
+
+def run(args, info, num_classes):
+    dev = info.device
+    D.seed_everything(args.seed + info.rank)
+    if args.batch_size % info.world_size:
+        raise UserError(f"--batch-size {args.batch_size} is not divisible by the {info.world_size} processes")
+    per_rank = args.batch_size // info.world_size
+    train_set, val_set = build_data(args)
+    if len(train_set) == 0:
+        raise UserError(f"--data-root {args.data_root}: the training split is empty")
+
+    model = build_model(args, num_classes)
+    if args.eval_only:
+        ck_path = args.checkpoint or os.path.join(args.work_dir, "best.pt")
+        ck = load_checkpoint(ck_path, "--checkpoint")
+        load_state_dict_checked(model, unwrap_state_dict(ck, ("model", "state_dict")), f"--checkpoint {ck_path}")
+    elif not args.resume:
+        for f in ("last.pt", "best.pt"):
+            if os.path.exists(os.path.join(args.work_dir, f)):
+                raise UserError(f"{os.path.join(args.work_dir, f)} exists: pass --resume to continue that run, "
+                                "or choose another --work-dir (a new run would overwrite it)")
+        load_weights(args, model)
+    model.to(dev)
+    if info.distributed and dev.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # SyncBN as the configs (GPU only)
+
+    groups = param_groups(model, args.weight_decay, NO_DECAY)
+    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
+    init_lr(opt, args.lr)
+    start, best = 0, -1.0
+    if args.resume:
+        ck = resume_state(args.work_dir, model, opt)
+        start, best = ck["iter"], ck.get("best_mIoU", -1.0)
+
+    val_loader = torch.utils.data.DataLoader(
+        val_set, batch_size=1, sampler=D.ShardSampler(len(val_set), info.rank, info.world_size),
+        num_workers=min(args.workers, 2), collate_fn=_collate_one)
+    palette = get_palette(PALETTE_OF.get(args.dataset, "synthetic"), num_classes)
+
+    def run_eval(tag):
+        vis = overlay_writer(os.path.join(args.work_dir, "vis", tag), val_set, palette, args.vis) \
+            if info.is_main and args.vis else None
+        infer = functools.partial(_infer, num_classes=num_classes, mode=args.eval_mode, crop=args.crop,
+                                  stride=tuple(c * 2 // 3 for c in args.crop))
+        return evaluate(_unwrap(model), val_loader, num_classes, dev, infer, info.is_main, vis)
+
+    if args.eval_only:
+        if args.stage == "mid":
+            raise UserError("--eval-only evaluates segmentation; the midstream stage has no evaluation")
+        m = run_eval("eval")
+        if info.is_main:
+            print(f"mIoU {m['mIoU']:.2f}  mAcc {m['mAcc']:.2f}  aAcc {m['aAcc']:.2f}")
+        return m
+
+    if info.is_main:
+        os.makedirs(args.work_dir, exist_ok=True)
+        print(f"stage {args.stage} on {args.dataset}: {count_params(model, True):,} trainable of "
+              f"{count_params(model):,} parameters; {args.iters} iterations at batch {args.batch_size} "
+              f"({info.world_size} process(es) on {dev})")
+    log = JsonLog(os.path.join(args.work_dir, "log.jsonl") if info.is_main else None)
+    if info.distributed:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+
+    sampler = D.InfiniteSampler(len(train_set), info.rank, info.world_size, args.seed, start=start * per_rank)
+    loader = iter(torch.utils.data.DataLoader(train_set, batch_size=per_rank, sampler=sampler,
+                                              num_workers=args.workers, drop_last=True,
+                                              persistent_workers=args.workers > 0))
+    model.train()
+    stop = min(args.iters, args.stop_at or args.iters)
+    bar = tqdm(range(start, stop), initial=start, total=args.iters, disable=not info.is_main, desc=args.stage)
+    t0, metrics = time.time(), None
+    for it in bar:
+        # the per-iteration seed makes dropout / DropPath a function of (seed, rank, it): exact resume
+        torch.manual_seed((args.seed * 1_000_003 + it) * 64 + info.rank)
+        set_lr(opt, warmup_poly(it, args.iters, args.warmup))
+        batch = next(loader)
+        img, label = pad_batch(batch["img"].to(dev), batch["label"].to(dev), args.pad)
+        if args.stage == "mid":
+            loss = soft_cross_entropy(model(img), histogram_target(label, num_classes))
+            parts = {}
+        else:
+            loss, parts = model(img, label)
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"loss is {loss.item()} at iteration {it}; stopping without saving")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+        done = it + 1
+        if info.is_main and (done % args.log_interval == 0 or done == stop):
+            rec = {"iter": done, "loss": loss.item(), "lr": opt.param_groups[0]["lr"],
+                   "sec_per_iter": (time.time() - t0) / (done - start)}
+            rec.update({k: v.item() for k, v in parts.items()})
+            log(**rec)
+            bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}")
+        if args.stage != "mid" and (done % args.eval_interval == 0 or done == args.iters):
+            metrics = run_eval(f"iter_{done}")
+            if info.is_main:
+                log(iter=done, **{k: metrics[k] for k in ("mIoU", "mAcc", "aAcc")})
+                tqdm.write(f"iter {done}: mIoU {metrics['mIoU']:.2f}  mAcc {metrics['mAcc']:.2f}  "
+                           f"aAcc {metrics['aAcc']:.2f}")
+                if metrics["mIoU"] > best:
+                    best = metrics["mIoU"]
+                    save_state(args.work_dir, "best.pt", model, None, done, vars(args), {"mIoU": best})
+        if info.is_main and (done % args.ckpt_interval == 0 or done == stop or
+                             (args.stage != "mid" and done % args.eval_interval == 0)):
+            save_state(args.work_dir, "last.pt", model, opt, done, vars(args), {"best_mIoU": best})
+    bar.close()
+    if info.is_main and metrics is not None:
+        print(f"final mIoU {metrics['mIoU']:.2f} (best {best:.2f}); checkpoints in {args.work_dir}")
+    return metrics
+
+
+def _unwrap(model):
+    return model.module if hasattr(model, "module") else model
+
+
+def _infer(model, img, size, num_classes, mode, crop, stride):
+    return predict(model, img, size, num_classes, mode=mode, crop=crop, stride=stride)
+
+
+def _collate_one(batch):
+    (s,) = batch
+    return {"img": s["img"][None], "label": s["label"][None], "name": [s["name"]]}
+
+
+if __name__ == "__main__":
+    cli(main)
