@@ -30,7 +30,6 @@ Cityscapes has no released ProPETL config: its preset is ours (mmseg's Swin City
 import argparse
 import functools
 import os
-import sys
 import time
 
 import torch
@@ -42,7 +41,7 @@ from common import dist as D
 from common.io import JsonLog, UserError, cli, load_checkpoint, load_state_dict_checked, unwrap_state_dict
 from common.palettes import get_palette
 from common.seg_data import DATASETS, SyntheticSeg, TestTransform, TrainTransform, build_dataset
-from common.segment import EncoderDecoder, evaluate, overlay_writer, predict
+from common.segment import EncoderDecoder, collate_single, evaluate, overlay_writer, pad_batch, predict
 from common.swin import SWIN_SIZES, SwinBlock, SwinTransformer, load_swin_pretrained
 from common.train import (count_params, freeze_all_but, init_lr, param_groups, resume_state, save_state,
                           set_lr, summary, warmup_poly)
@@ -71,10 +70,10 @@ PRESETS = {
                                 pad=(512, 1024)),
                        down=dict(iters=80_000, warmup=1500, lr=1e-4, weight_decay=0.01, scale=(2048, 1024),
                                  crop=(512, 1024), pad=(512, 1024))),
-    # no files: the quick start and the tests (images of 128x128, pass a small Swin by flags)
-    "synthetic": dict(r=8, test_scale=(128, 128),
-                      mid=dict(iters=300, warmup=20, lr=1e-3, weight_decay=0.01, scale=(128, 128), crop=96, pad=96),
-                      down=dict(iters=300, warmup=20, lr=1e-3, weight_decay=0.01, scale=(128, 128), crop=96, pad=96)),
+    # no files: the quick start and the tests (128x128 images resized to 96, pass a small Swin by flags)
+    "synthetic": dict(r=8, test_scale=(96, 96),
+                      mid=dict(iters=300, warmup=20, lr=1e-3, weight_decay=0.01, scale=(96, 96), crop=64, pad=64),
+                      down=dict(iters=300, warmup=20, lr=1e-3, weight_decay=0.01, scale=(96, 96), crop=64, pad=64)),
 }
 PRESETS["voc_aug"] = PRESETS["voc"]
 # full fine-tuning baseline: mmseg's UperNet + Swin recipe (AdamW 6e-5, wd 0.01, warmup 1500), downstream schedule
@@ -102,7 +101,7 @@ def get_args(argv=None):
     a("--num-heads", type=int, nargs=4, default=None, help="override the Swin heads")
     a("--window-size", type=int, default=7, help="attention window (pre-training used 7)")
     a("--drop-path", type=float, default=0.3, help="stochastic depth, linear over the blocks (paper 0.3)")
-    a("--r", type=int, default=None, help="adapter reduction: bottleneck = C // r (preset: 24, COCO 48)")
+    a("--reduction", type=int, default=None, help="adapter reduction r: bottleneck = C // r (preset: 24, COCO 48)")
     a("--head-channels", type=int, default=512, help="UperNet channels (paper 512; the FCN aux head has half)")
     # schedule
     a("--iters", type=int, default=None, help="iterations (preset per stage)")
@@ -134,7 +133,7 @@ def get_args(argv=None):
     stage = preset["mid"] if args.stage == "mid" else preset["down"]
     if args.stage == "full" and args.dataset != "synthetic":
         stage = {**stage, **FULL_FT}
-    args.r = args.r or preset["r"]
+    args.reduction = args.reduction or preset["r"]
     for k in ("iters", "lr", "weight_decay", "warmup", "scale"):
         if getattr(args, k) is None:
             setattr(args, k, stage[k])
@@ -244,7 +243,7 @@ def build_model(args, num_classes):
             size[k] = tuple(v) if isinstance(v, list) else v
     block = {"mid": MidBlock, "adaptformer": MidBlock, "down": TwoConcatBlock, "full": SwinBlock}[args.stage]
     if block is not SwinBlock:
-        block = functools.partial(block, r=args.r)
+        block = functools.partial(block, r=args.reduction)
     backbone = SwinTransformer(**size, window_size=args.window_size, drop_path_rate=args.drop_path, block=block)
     if args.stage == "mid":
         model = MidstreamModel(backbone, num_classes)
@@ -307,13 +306,6 @@ def build_data(args, num_classes=None):
     return train, val
 
 
-def pad_batch(img, label, size):
-    """Pads right/bottom to ``size`` (image 0 after normalisation, label 255): mmseg's pre-processor."""
-    ph, pw = size[0] - img.shape[-2], size[1] - img.shape[-1]
-    if ph > 0 or pw > 0:
-        img = F.pad(img, (0, max(pw, 0), 0, max(ph, 0)), value=0.0)
-        label = F.pad(label, (0, max(pw, 0), 0, max(ph, 0)), value=255)
-    return img, label
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -370,7 +362,7 @@ def run(args, info, num_classes):
 
     val_loader = torch.utils.data.DataLoader(
         val_set, batch_size=1, sampler=D.ShardSampler(len(val_set), info.rank, info.world_size),
-        num_workers=min(args.workers, 2), collate_fn=_collate_one)
+        num_workers=min(args.workers, 2), collate_fn=collate_single)
     palette = get_palette(PALETTE_OF.get(args.dataset, "synthetic"), num_classes)
 
     def run_eval(tag):
@@ -378,7 +370,7 @@ def run(args, info, num_classes):
             if info.is_main and args.vis else None
         infer = functools.partial(_infer, num_classes=num_classes, mode=args.eval_mode, crop=args.crop,
                                   stride=tuple(c * 2 // 3 for c in args.crop))
-        return evaluate(_unwrap(model), val_loader, num_classes, dev, infer, info.is_main, vis)
+        return evaluate(D.unwrap(model), val_loader, num_classes, dev, infer, info.is_main, vis)
 
     if args.eval_only:
         if args.stage == "mid":
@@ -447,17 +439,12 @@ def run(args, info, num_classes):
     return metrics
 
 
-def _unwrap(model):
-    return model.module if hasattr(model, "module") else model
 
 
 def _infer(model, img, size, num_classes, mode, crop, stride):
     return predict(model, img, size, num_classes, mode=mode, crop=crop, stride=stride)
 
 
-def _collate_one(batch):
-    (s,) = batch
-    return {"img": s["img"][None], "label": s["label"][None], "name": [s["name"]]}
 
 
 if __name__ == "__main__":

@@ -46,7 +46,6 @@ import argparse
 import functools
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 
@@ -59,11 +58,12 @@ from torchvision.ops import StochasticDepth
 from tqdm import tqdm
 
 from common import dist as D
-from common.io import JsonLog, UserError, load_checkpoint, load_state_dict_checked, strip_prefix, unwrap_state_dict
+from common.io import JsonLog, UserError, cli, load_checkpoint, load_state_dict_checked, strip_prefix, unwrap_state_dict
 from common.palettes import PALETTES, get_palette, save_overlay
 from common.seg_data import (DATASETS, SyntheticSeg, TestTransform, TrainTransform, build_dataset, imread,
                              rescale_size)
-from common.segment import EncoderDecoder, evaluate, overlay_writer, predict, resize
+from common.segment import (EncoderDecoder, collate_single, evaluate, overlay_writer, pad_batch, predict,
+                            resize)
 from common.train import count_params, init_lr, resume_state, save_state, set_lr, summary, warmup_poly_mmcv
 from common.upernet import FCNHead, UPerHead
 from common.vit import BEiT, SIZES, VisionTransformer
@@ -512,24 +512,14 @@ def summarize(model):
 # ----------------------------------------------------------------------------------------------------
 # Checkpoints: pre-trained ViTs and the official segmentation checkpoints (spec 1.9, 2.3)
 
-def _numpy_safe_globals():
-    """mmcv checkpoints keep numpy scalars in 'meta' (e.g. hook_msgs.best_score): allow exactly those
-    (numpy scalar and dtype reconstruction) under weights_only=True; nothing else needs pickle."""
-    sc = (getattr(np, "_core", None) or np.core).multiarray.scalar
-    allowed = [(sc, "numpy.core.multiarray.scalar"), (sc, "numpy._core.multiarray.scalar"), np.dtype]
-    allowed += [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")]
-    return allowed
 
 
-def read_checkpoint(path, what="--checkpoint"):
-    with torch.serialization.safe_globals(_numpy_safe_globals()):
-        return load_checkpoint(path, what)
 
 
 def read_segmentor_state(path):
     """The state dict of ours ({'model': ...}) or of an official mmseg checkpoint ({'meta', 'state_dict'}
     with backbone. / decode_head. / auxiliary_head. keys)."""
-    ck = read_checkpoint(path)
+    ck = load_checkpoint(path, "--checkpoint")
     sd = strip_prefix(unwrap_state_dict(ck, ("model", "state_dict")), "module.")
     if not isinstance(sd, dict) or "decode_head.conv_seg.weight" not in sd:
         raise UserError(f"--checkpoint {path}: no segmentor weights (expected 'state_dict' or 'model' with "
@@ -660,18 +650,8 @@ def infer(model, img, size, args, num_classes):
     return probs / (2 * len(sizes))
 
 
-def _collate_one(batch):
-    (s,) = batch
-    return {"img": s["img"][None], "label": s["label"][None], "name": [s["name"]]}
 
 
-def pad_batch(img, label, size):
-    """Pads right/bottom to ``size`` (image 0 after normalisation, label 255), as mmseg's Pad."""
-    ph, pw = size[0] - img.shape[-2], size[1] - img.shape[-1]
-    if ph > 0 or pw > 0:
-        img = F.pad(img, (0, max(pw, 0), 0, max(ph, 0)), value=0.0)
-        label = F.pad(label, (0, max(pw, 0), 0, max(ph, 0)), value=255)
-    return img, label
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -759,14 +739,14 @@ def run(args, info, num_classes):
 
     val_loader = torch.utils.data.DataLoader(
         val_set, batch_size=1, sampler=D.ShardSampler(len(val_set), info.rank, info.world_size),
-        num_workers=min(args.workers, 2), collate_fn=_collate_one)
+        num_workers=min(args.workers, 2), collate_fn=collate_single)
     palette = get_palette(DATASETS[args.dataset]["palette"], num_classes)
 
     def run_eval(tag):
         vis = overlay_writer(os.path.join(args.work_dir, "vis", tag), val_set, palette, args.vis) \
             if info.is_main and args.vis else None
         fn = functools.partial(infer, args=args, num_classes=num_classes)
-        return evaluate(_unwrap(model), val_loader, num_classes, dev, fn, info.is_main, vis)
+        return evaluate(D.unwrap(model), val_loader, num_classes, dev, fn, info.is_main, vis)
 
     if args.eval_only:
         m = run_eval("eval")
@@ -833,13 +813,7 @@ def run(args, info, num_classes):
     return metrics
 
 
-def _unwrap(model):
-    return model.module if hasattr(model, "module") else model
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cli(main)

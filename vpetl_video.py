@@ -48,7 +48,6 @@ Choices where the official code is odd (spec section 6), and what this file does
 import argparse
 import math
 import os
-import sys
 from functools import partial
 
 import numpy as np
@@ -59,7 +58,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import dist as D
-from common.io import JsonLog, UserError, load_checkpoint, load_state_dict_checked
+from common.io import JsonLog, UserError, cli, load_checkpoint, load_state_dict_checked
 from common.train import (freeze_all_but, init_lr, param_groups, resume_state, save_state, set_lr, summary,
                           warmup_cosine)
 from common.video_swin import ARCHS, Mlp, SwinBlock3D, SwinTransformer3D, WindowAttention3D, load_pretrained
@@ -754,12 +753,8 @@ def run(args):
 
 
 def main(argv=None):
-    try:
-        run(get_args(argv))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    return run(get_args(argv))
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -57,7 +57,6 @@ def main():
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device(args.device)
-    cfg = SWIN_SIZES[args.size]
     ref = timm.create_model(f"swin_{args.size}_patch4_window7_224", pretrained=False, img_size=args.img,
                             always_partition=True, drop_path_rate=0.0).to(device)
     ours = swin(args.size, drop_path_rate=0.0).to(device)

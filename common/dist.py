@@ -73,6 +73,11 @@ def broadcast_object(obj, src=0):
     return obj
 
 
+def unwrap(model):
+    """The module inside DistributedDataParallel (or the model itself)."""
+    return model.module if hasattr(model, "module") else model
+
+
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed % 2**32)

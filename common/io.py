@@ -16,13 +16,25 @@ class UserError(Exception):
     """An error the user can fix (missing file, bad flag, wrong checkpoint). Scripts print it as one line."""
 
 
+def _numpy_scalar_globals():
+    """mmcv checkpoints keep numpy scalars in 'meta' (e.g. hook_msgs.best_score): allow exactly those
+    (numpy scalar and dtype reconstruction) under weights_only=True; nothing else needs pickle."""
+    import numpy as np
+    sc = (getattr(np, "_core", None) or np.core).multiarray.scalar
+    allowed = [(sc, "numpy.core.multiarray.scalar"), (sc, "numpy._core.multiarray.scalar"), np.dtype]
+    allowed += [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")]
+    return allowed
+
+
 def load_checkpoint(path, what="checkpoint"):
-    """torch.load with weights_only=True and clear errors. Returns whatever the file holds (usually a dict)."""
+    """torch.load with weights_only=True and clear errors. Returns whatever the file holds (usually a dict).
+    Tensors, containers and numpy scalars (mmcv's meta) load; any other Python object is refused."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise UserError(f"{what} not found: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_numpy_scalar_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # the unpickler raises UnpicklingError (or RuntimeError on a damaged zip)
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         if "weights_only" in str(e) or "Unsupported global" in str(e) or "GLOBAL" in str(e):

@@ -46,6 +46,22 @@ def seg_loss(logits, label, ignore_index=255):
     return F.cross_entropy(logits, label, ignore_index=ignore_index, reduction="none").mean()
 
 
+def pad_batch(img, label, size):
+    """Pads a batch right/bottom to ``size`` (image 0 after normalisation, label 255): mmseg's Pad in the
+    data pre-processor."""
+    ph, pw = size[0] - img.shape[-2], size[1] - img.shape[-1]
+    if ph > 0 or pw > 0:
+        img = F.pad(img, (0, max(pw, 0), 0, max(ph, 0)), value=0.0)
+        label = F.pad(label, (0, max(pw, 0), 0, max(ph, 0)), value=255)
+    return img, label
+
+
+def collate_single(batch):
+    """Evaluation loader collate for batch 1 of any image size: adds the batch dimension."""
+    (s,) = batch
+    return {"img": s["img"][None], "label": s["label"][None], "name": [s["name"]]}
+
+
 @torch.no_grad()
 def slide_inference(model, img, num_classes, crop, stride, pad_windows=False):
     """mmseg slide_inference: windows of ``crop`` every ``stride`` (the last one clamped to the border),

@@ -1,5 +1,4 @@
 """common/io.py and common/train.py: checkpoint safety, atomic writes, schedules, samplers."""
-import math
 import os
 
 import pytest

@@ -16,7 +16,7 @@ from tests.seg_layouts import write_layout
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--dataset", "synthetic", "--embed-dim", "16", "--depths", "1", "1", "2", "1", "--num-heads", "1", "2", "2", "4",
-        "--head-channels", "32", "--r", "4", "--batch-size", "4", "--workers", "0", "--num-samples", "8", "--vis", "0"]
+        "--head-channels", "32", "--reduction", "4", "--batch-size", "4", "--workers", "0", "--num-samples", "8", "--vis", "0"]
 
 
 def summary(capsys, *argv):
@@ -154,18 +154,20 @@ def test_resume_is_exact(tmp_path):
 
 
 def test_a_short_run_learns(tmp_path):
-    """Loss falls and the mIoU ends clearly above what predicting the majority class gives."""
+    """Loss falls, and foreground classes get segmented: predicting the majority class (background) gives
+    IoU 0 on every foreground class and mIoU = background share / K (about 15 here)."""
     args = ["--stage", "adaptformer", "--dataset", "synthetic", "--embed-dim", "32", "--depths", "1", "1", "2", "1",
             "--num-heads", "1", "2", "4", "8", "--head-channels", "64", "--batch-size", "8", "--workers", "0",
-            "--iters", "120", "--eval-interval", "120", "--log-interval", "20", "--num-samples", "32", "--vis", "2",
+            "--iters", "400", "--eval-interval", "400", "--log-interval", "50", "--num-samples", "64", "--vis", "2",
             "--work-dir", str(tmp_path)]
     m = propetl.main(args)
     log = [json.loads(l) for l in open(tmp_path / "log.jsonl")]
     losses = [r["loss"] for r in log if "loss" in r]
     assert losses[-1] < 0.7 * losses[0]
-    # majority-class prediction: IoU of background = its pixel share, 0 elsewhere
-    assert m["mIoU"] > 30.0 and m["mIoU"] > 2 * m["aAcc"] / 6
-    assert len(os.listdir(tmp_path / "vis" / "iter_120")) == 2
+    background_share = m["IoU"][0] / 100  # upper bound of the majority predictor's only non-zero IoU
+    assert m["mIoU"] > 35.0 and m["mIoU"] > 2 * 100 * background_share / 6
+    assert sum(iou > 20 for iou in m["IoU"][1:]) >= 3, m["IoU"]
+    assert len(os.listdir(tmp_path / "vis" / "iter_400")) == 2
 
 
 def run_cli(*argv, cwd=ROOT):
