@@ -30,6 +30,7 @@ Cityscapes has no released ProPETL config: its preset is ours (mmseg's Swin City
 import argparse
 import functools
 import os
+import sys
 import time
 
 import torch
@@ -263,6 +264,9 @@ def load_weights(args, model):
     """Pre-trained Swin into the backbone; for --stage down, the midstream adapters on top (frozen)."""
     if args.pretrained:
         load_swin_pretrained(model.backbone, args.pretrained, allow_missing=("adaptmlp",))
+    elif args.dataset != "synthetic":
+        print("warning: no --pretrained: the Swin backbone starts from random weights (the paper uses "
+              "swin_large_patch4_window7_224_22k.pth)", file=sys.stderr)
     if args.stage == "down":
         if not args.mid_checkpoint:
             raise UserError("--stage down needs --mid-checkpoint (the midstream run's last.pt)")
