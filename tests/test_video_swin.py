@@ -16,14 +16,6 @@ from common.video_swin import (clip_window, from_torchvision, load_pretrained, r
                                to_torchvision, video_swin)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread: two OpenMP threads on a shared 2-core machine are several times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def close(a, b):
     return (a - b).abs().max().item() <= 1e-4 * max(1.0, b.abs().max().item())

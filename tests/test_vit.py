@@ -13,14 +13,6 @@ from common.vit import (beit, cubic_spline_matrix, geometric_source_coords, rela
                         resize_rel_pos_table, vit)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # two threads on a shared 2-core machine spin against each other; one is several times faster here
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _randomize(model, std=0.2, seed=0):
     """Every parameter random (norms, biases, layer scales and position tables included): a wrong

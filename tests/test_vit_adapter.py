@@ -23,14 +23,6 @@ from common.vit import BEiT, VisionTransformer
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # two threads on a shared 2-core machine spin against each other; one is several times faster here
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def tiny(*flags):
     """The synthetic preset: a 64-wide, 4-block ViT-Adapter (4 interactions of one block each)."""

@@ -32,14 +32,6 @@ QUICK_START = ("--data-set synthetic --model swin_tiny --embed-dim 32 --depths 1
 TINY = "--model swin_tiny --embed-dim 16 --depths 1 1 2 1 --num-heads 1 2 2 4 --input-size 32 --window-size 8 4 4"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """In-process runs use one thread: two OpenMP threads on a shared 2-core machine are several times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 # ----------------------------------------------------------------------------------------------------
 # parameter counts: spec 2.5 (Swin-B built on the meta device)
