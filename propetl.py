@@ -393,17 +393,13 @@ def run(args, info, num_classes):
     if info.distributed:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
 
-    sampler = D.InfiniteSampler(len(train_set), info.rank, info.world_size, args.seed, start=start * per_rank)
-    loader = iter(torch.utils.data.DataLoader(train_set, batch_size=per_rank, sampler=sampler,
-                                              num_workers=args.workers, drop_last=True,
-                                              persistent_workers=args.workers > 0))
+    loader = D.train_batches(train_set, per_rank, info, args.seed, start, args.workers)
     model.train()
     stop = min(args.iters, args.stop_at or args.iters)
     bar = tqdm(range(start, stop), initial=start, total=args.iters, disable=not info.is_main, desc=args.stage)
     t0, metrics = time.time(), None
     for it in bar:
-        # the per-iteration seed makes dropout / DropPath a function of (seed, rank, it): exact resume
-        torch.manual_seed((args.seed * 1_000_003 + it) * 64 + info.rank)
+        D.seed_step(args.seed, it, info.rank)  # dropout / DropPath: exact on resume
         set_lr(opt, warmup_poly(it, args.iters, args.warmup))
         batch = next(loader)
         img, label = pad_batch(batch["img"].to(dev), batch["label"].to(dev), args.pad)

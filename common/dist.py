@@ -120,3 +120,17 @@ class InfiniteSampler(torch.utils.data.Sampler):
                     yield i, (self.seed * 1_000_003 + self.rank) * 10_000_019 + pos
                 pos += 1
             epoch += 1
+
+
+def train_batches(dataset, batch_size, info, seed, start_iter=0, workers=0):
+    """Endless iterator of training batches for iteration-based schedules: InfiniteSampler sharded over
+    the processes, positioned where iteration ``start_iter`` begins (exact resume)."""
+    sampler = InfiniteSampler(len(dataset), info.rank, info.world_size, seed, start=start_iter * batch_size)
+    return iter(torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                                            drop_last=True, persistent_workers=workers > 0))
+
+
+def seed_step(seed, it, rank):
+    """Seeds torch's RNG for iteration ``it``: dropout / DropPath become a function of (seed, it, rank),
+    so a resumed run draws exactly what the uninterrupted one would have."""
+    torch.manual_seed((seed * 1_000_003 + it) * 64 + rank)
