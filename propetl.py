@@ -325,10 +325,9 @@ def main(argv=None):
         return None
 
     info = D.setup(args.device)
-    try:
-        return run(args, info, num_classes)
-    finally:
-        D.cleanup()
+    result = run(args, info, num_classes)
+    D.cleanup()
+    return result
 
 
 def run(args, info, num_classes):

@@ -685,10 +685,9 @@ def main(argv=None):
         summarize(model)
         return None
     info = D.setup(args.device)
-    try:
-        return run(args, info, num_classes)
-    finally:
-        D.cleanup()
+    result = run(args, info, num_classes)
+    D.cleanup()
+    return result
 
 
 def run(args, info, num_classes):

@@ -49,7 +49,11 @@ def setup(device="auto"):
 
 
 def cleanup():
+    """Ends the process group once every process got here. Call it on success only: a process that failed
+    exits (torchrun then stops the others) instead of waiting at the barrier. Without the barrier, a rank
+    that finishes first tears gloo down while rank 0 is still writing its checkpoint, and the job aborts."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
