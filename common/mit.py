@@ -274,10 +274,10 @@ def load_mit_pretrained(model, path_or_state_dict, allow_missing=(), verbose=Tru
     dropped = []
     sd, layout = convert_mit_state_dict(sd, dropped)
     own = model.state_dict()
-    if not any(k in own for k in sd):
+    if "patch_embed1.proj.weight" not in sd:   # e.g. a Swin file: its norm1..3 alone would look like ours
         first = ", ".join(list(sd)[:3])
-        raise UserError(f"{source} is not a MiT (SegFormer) checkpoint: none of its {len(sd)} backbone keys "
-                        f"is a MiT key (expected e.g. patch_embed1.proj.weight; found {first}, ...)")
+        raise UserError(f"{source} is not a MiT (SegFormer) checkpoint: no patch_embed1.proj.weight (nor "
+                        f"mmseg's layers.0.0.projection.weight) among its backbone keys ({first}, ...)")
     allowed = [k for k in own if k not in sd and any(s in k for s in allow_missing)]
     load_state_dict_checked(model, sd, source, allow_missing=tuple(allowed))
     if dropped and verbose:
