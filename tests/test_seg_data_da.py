@@ -17,6 +17,7 @@ from PIL import Image
 from common.io import UserError
 from common.metrics import SYNTHIA13, SYNTHIA16, SegMetric, subset_miou
 from common.palettes import CLASSES
+from common import seg_data
 from common.seg_data import (DATASETS, MEAN, STD, SyntheticSeg, TestTransform, TrainTransform, build_dataset,
                              read_png16_first_channel, resize_bilinear, resize_nearest)
 
@@ -78,14 +79,17 @@ def test_synthia_16bit_values_and_converted_files_preferred(tmp_path):
         assert (build_dataset(_dataset_name(layout), r, "train", None)[0]["label"] == 17).all()
 
 
-def test_png16_reader_against_pil_and_hand_written_files(tmp_path):
+@pytest.mark.parametrize("path", ["pil", "pypng"])
+def test_png16_reader_against_pil_and_hand_written_files(tmp_path, monkeypatch, path):
+    if path == "pypng":  # the slow, pure-Python fallback
+        monkeypatch.setattr(seg_data, "_png16_pil", lambda p: None)
     rng = np.random.default_rng(0)
     for channels in (1, 3, 4):
-        arr = rng.integers(0, 65536, (7, 9, channels))
+        arr = rng.integers(0, 65536, (11, 9, channels))  # 11 rows: every row filter twice
         arr[0, 0, 0] = 65535
         p = str(tmp_path / f"c{channels}.png")
         with open(p, "wb") as f:
-            f.write(png16_bytes(arr))  # every row filter in turn
+            f.write(png16_bytes(arr))
         np.testing.assert_array_equal(read_png16_first_channel(p), arr[..., 0])
     # PIL writes 16-bit greyscale faithfully (mode I;16): the same values come back
     grey = rng.integers(0, 65536, (5, 6)).astype(np.uint16)
@@ -104,7 +108,12 @@ def test_synthia_label_must_be_16bit(tmp_path):
         ds[0]
     assert lp0 in str(e.value) and "8-bit" in str(e.value) and "16-bit" in str(e.value)
     Image.fromarray(raw.astype(np.uint8)).save(lp1)  # 8-bit grey
-    with pytest.raises(UserError, match="16-bit"):
+    with pytest.raises(UserError, match="8-bit 1-channel PNG; expected a 16-bit"):
+        ds[1]
+    im = Image.fromarray(raw.astype(np.uint8))
+    im.putpalette([0, 0, 0] * 256)
+    im.save(lp1)  # 8-bit palette
+    with pytest.raises(UserError, match="8-bit palette PNG; expected a 16-bit"):
         ds[1]
     with open(lp1, "wb") as f:
         f.write(b"\x89PNG\r\n\x1a\n broken")
