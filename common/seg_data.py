@@ -29,11 +29,12 @@ import torch
 from PIL import Image
 
 from .io import UserError
+# the transforms moved to seg_transforms.py; every name stays importable from here
 from .seg_transforms import (IGNORE, MEAN, STD, TestTransform, TrainTransform, _pair,  # noqa: F401
-                             adjust_brightness, adjust_contrast, adjust_saturation, hsv_to_rgb_u8, normalize,
-                             photometric_distortion, rescale_size, resize_bilinear, resize_nearest, rgb_to_hsv_u8,
-                             shift_hue)
-from .seg_transforms import apply_transform
+                             adjust_brightness, adjust_contrast, adjust_saturation, apply_transform,
+                             hsv_to_rgb_u8, normalize, photometric_distortion, rescale_size, resize_bilinear,
+                             resize_nearest, rgb_to_hsv_u8, shift_hue)
+
 
 # ----------------------------------------------------------------------------------------------------
 # the datasets as the official configs lay them out

@@ -266,7 +266,7 @@ def test_synthetic_target_is_harder_but_learnable():
     K, S = 6, 40
     tf = TrainTransform(scale=(2 * S, S), crop=(S, S), ratio_range=(0.75, 1.5), cat_max_ratio=1.0, photometric=False)
 
-    def stack(ds, seeded=False):
+    def stack(ds):
         items = [ds[(i, i)] for i in range(len(ds))]
         return torch.stack([s["img"] for s in items]), torch.stack([s["label"] for s in items])
 
@@ -303,9 +303,10 @@ def test_synthetic_target_is_harder_but_learnable():
     with torch.no_grad():
         net(xt)
     adapted = miou(xtv, ytv)
-    # measured: source 0, target 0, AdaBN 0
-
-    assert source - target > 10 and target > 25 and adapted > target + 3, (source, target, adapted)
+    # measured: source 62.0, target 31.5, AdaBN 39.1, background only 12.9 (bench/synthetic_domain_gap.py
+    # trains longer: source 75-80, target 50-60)
+    assert source - target > 15 and target > background_only + 10 and adapted > target + 3, \
+        (source, target, adapted, background_only)
 
 
 # ----------------------------------------------------------------------------------------------------
