@@ -93,7 +93,7 @@ PRESETS = {
     # the quick start: a tiny MiT on the synthetic domain pair (96x96 images, 6 classes)
     "synthetic": dict(source="synthetic", target="synthetic", source_scale=(96, 96), target_scale=(96, 96),
                       test_scale=(96, 96), source_crop=64, crop=64, iters=200, batch_size=8,
-                      warmup=20, start_contrast=50, eval_interval=100, lr=6e-4,
+                      warmup=20, start_contrast=50, eval_interval=100, source_lr=6e-4, lr=6e-5,
                       arch=dict(embed_dims=(16, 32, 64, 128), depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8),
                                 sr_ratios=(4, 2, 1, 1)), head_dim=32, proj_dim=32),
 }
@@ -158,6 +158,8 @@ def get_args(argv=None):
     a("--stop-at", type=int, default=None, help="stop after this iteration as if interrupted (tests --resume)")
     args = p.parse_args(argv)
     preset = {**RECIPE, **PRESETS[args.preset]}
+    if args.stage == "source" and "source_lr" in preset and args.lr is None:
+        args.lr = preset["source_lr"]  # the synthetic source model learns from scratch
     for k in ("iters", "batch_size", "lr", "weight_decay", "warmup", "crop", "source_crop", "start_contrast",
               "eval_interval"):
         if getattr(args, k) is None:

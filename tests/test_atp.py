@@ -355,3 +355,38 @@ def test_bad_inputs(chain, tmp_path):
     with pytest.raises(UserError, match="exists"):
         run(_tiny(tmp, "teach", "--init", str(tmp / "src" / "last.pt"), "--work-dir", str(tmp / "teach")))
     assert (tmp / "teach" / "last.pt").read_bytes() == before
+
+
+def test_adaptation_is_source_free(tmp_path, monkeypatch):
+    """On tiny official layouts (GTA5 source, Cityscapes target): after the source stage, the steps A,
+    T, rank and P never open a source file, never read a target label other than the val split's (the
+    evaluation), and run with the target's training labels deleted."""
+    import shutil
+
+    import common.seg_data as SD
+    from seg_layouts import write_layout
+    src = write_layout("gta5", tmp_path / "data", n_train=4, size=(40, 56))
+    tgt = write_layout("cityscapes", tmp_path / "data", n_train=4, n_val=2, size=(40, 56), seed=1)
+    flags = ["--preset", "gta2cs", "--source-root", src, "--target-root", tgt, "--num-samples", "4",
+             "--batch-size", "2", "--crop", "32", "--source-crop", "32", "--source-scale", "56", "40",
+             "--target-scale", "56", "40", "--test-scale", "56", "40", "--warmup", "1", "--start-contrast", "0",
+             "--iters", "1"] + TINY
+    w = tmp_path / "runs"
+    run(["--stage", "source", "--work-dir", str(w / "src")] + flags)
+    shutil.rmtree(os.path.join(tgt, "gtFine", "train"))
+    opened = []
+    real_imread, real_label = SD.imread, SD.read_label
+    monkeypatch.setattr(SD, "imread", lambda p, *a, **k: (opened.append(("img", p)), real_imread(p, *a, **k))[1])
+    monkeypatch.setattr(SD, "read_label",
+                        lambda p, *a, **k: (opened.append(("label", p)), real_label(p, *a, **k))[1])
+    run(["--stage", "align", "--init", str(w / "src" / "last.pt"), "--work-dir", str(w / "a")] + flags)
+    run(["--stage", "teach", "--init", str(w / "a" / "last.pt"), "--work-dir", str(w / "t")] + flags)
+    run(["--stage", "rank", "--init", str(w / "t" / "last.pt"), "--work-dir", str(w / "r")] + flags)
+    run(["--stage", "propagate", "--init", str(w / "t" / "last.pt"), "--ranking", str(w / "r" / "ranking.json"),
+         "--work-dir", str(w / "p")] + flags)
+    assert opened, "the tripwire saw nothing"
+    assert not [p for _, p in opened if os.path.abspath(p).startswith(os.path.abspath(src))]
+    labels = {os.path.relpath(p, tgt).split(os.sep)[:2] == ["gtFine", "val"] for kind, p in opened if kind == "label"}
+    assert labels == {True}  # only the evaluation's val labels
+    train_imgs = {p for kind, p in opened if kind == "img" and f"leftImg8bit{os.sep}train" in p}
+    assert len(train_imgs) == 4  # every target training image was used (rank reads them all)
