@@ -296,7 +296,7 @@ def load_weights(args, model):
     """Pre-trained Swin into the backbone; for --stage down, the midstream adapters on top (frozen)."""
     if args.pretrained:
         load_swin_pretrained(model.backbone, args.pretrained, allow_missing=("adaptmlp",))
-    elif args.dataset != "synthetic":
+    elif args.dataset != "synthetic" and int(os.environ.get("RANK", "0")) == 0:
         print("warning: no --pretrained: the Swin backbone starts from random weights (the paper uses "
               "swin_large_patch4_window7_224_22k.pth)", file=sys.stderr)
     if args.stage == "down":
