@@ -58,10 +58,11 @@ from torchvision.ops import StochasticDepth
 from tqdm import tqdm
 
 from common import dist as D
-from common.io import UserError, cli, load_checkpoint, load_state_dict_checked, strip_prefix, unwrap_state_dict
-from common.palettes import PALETTES, get_palette, save_overlay
-from common.seg_data import (DATASETS, SyntheticSeg, TestTransform, TrainTransform, build_dataset, imread,
-                             rescale_size)
+from common.io import (ArgumentParser, UserError, check_flags, cli, load_checkpoint, load_state_dict_checked,
+                       strip_prefix, unwrap_state_dict, work_dir_problem)
+from common.palettes import PALETTES, class_names, get_palette, legend, save_image, save_overlay
+from common.seg_data import (DATASETS, SyntheticSeg, TestTransform, TrainTransform, build_dataset, check_files,
+                             imread, rescale_size)
 from common.segment import (EncoderDecoder, collate_single, evaluate, overlay_writer, pad_batch, predict,
                             resize)
 from common.train import RunBook, count_params, init_lr, set_lr, summary, warmup_poly_mmcv
@@ -153,7 +154,7 @@ MS_RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     a = p.add_argument
     a("--preset", default="synthetic", choices=sorted(PRESETS), help="an official config (README row)")
     a("--dataset", default=None, choices=sorted(DATASETS), help="dataset in its official layout (default: preset's)")
@@ -200,7 +201,8 @@ def get_args(argv=None):
     a("--workers", type=int, default=2, help="data-loading processes per training process")
     a("--seed", type=int, default=0)
     a("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    a("--resume", action="store_true", help="continue exactly from work-dir/last.pt")
+    a("--resume", action="store_true", help="continue exactly from work-dir/last.pt (same flags; --iters may grow)")
+    a("--skip-data-check", action="store_true", help="do not check that every data file opens before training")
     a("--eval-only", action="store_true", help="evaluate --checkpoint (or work-dir/best.pt) and exit")
     a("--checkpoint", default=None, help="weights for --eval-only / --demo: ours or an official .pth(.tar)")
     a("--demo", default=None, metavar="IMAGE", help="segment one image, write the overlay to work-dir/<name>")
@@ -233,6 +235,7 @@ def get_args(argv=None):
         args.interaction_indexes = [ii[k:k + 2] for k in range(0, len(ii), 2)]
     if args.interaction_indexes[-1][1] >= args.depth:
         p.error(f"--interaction-indexes reach block {args.interaction_indexes[-1][1]} of a {args.depth}-block ViT")
+    validate(p, args)
     if args.crop % 32:
         p.error(f"--crop {args.crop}: ViT-Adapter needs sides that are multiples of 32")
     args.backbone, args.size, args.norm = pr.backbone, pr.size, pr.norm
@@ -240,6 +243,36 @@ def get_args(argv=None):
     if args.dataset != "synthetic" and not (args.summary or args.demo) and not args.data_root:
         p.error(f"--data-root is required for --dataset {args.dataset}")
     return args
+
+
+def validate(p, args):
+    """Every flag a user can get wrong, refused with parser.error before any work."""
+    check_flags(p, args, positive=("iters", "batch_size", "lr", "eval_interval", "ckpt_interval", "log_interval",
+                                   "crop", "scale", "test_scale", "stride", "embed_dim", "depth", "num_heads",
+                                   "deform_heads", "deform_ratio", "cffn_ratio", "n_points", "conv_inplane",
+                                   "pretrain_size", "head_channels", "num_samples", "stop_at"),
+                non_negative=("weight_decay", "warmup", "workers", "vis", "init_values", "layer_decay"),
+                below_one=("drop_path",))
+    if args.stride > args.crop:
+        p.error(f"--stride {args.stride} is larger than the window --crop {args.crop}: pixels between windows "
+                "would never be predicted")
+    if not 0 <= args.opacity <= 1:
+        p.error(f"--opacity {args.opacity}: expected a value in [0, 1]")
+    if args.num_classes is not None and args.num_classes < 2:
+        p.error(f"--num-classes {args.num_classes}: expected 2 or more")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.batch_size % world:
+        p.error(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
+    if args.eval_only and args.resume:
+        p.error("--eval-only evaluates --checkpoint; it does not go with --resume")
+    for flag in ("pretrained", "checkpoint", "demo"):
+        path = getattr(args, flag)
+        if path and not args.summary and not os.path.isfile(path):
+            p.error(f"--{flag} {path}: file not found")
+    if not args.summary:
+        problem = work_dir_problem(args.work_dir)
+        if problem:
+            p.error(f"--work-dir {args.work_dir}: {problem}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -666,10 +699,16 @@ def demo(args, model, num_classes, device):
     model.eval()
     probs = infer(model, x[None].to(device), img.shape[:2], args, num_classes)
     pred = probs.argmax(1)[0].cpu().numpy()
-    palette = get_palette(args.palette or DATASETS[args.dataset]["palette"], num_classes)
+    palette_name = args.palette or DATASETS[args.dataset]["palette"]
+    palette = get_palette(palette_name, num_classes)
     out = os.path.join(args.work_dir, os.path.basename(args.demo))
+    stem, ext = os.path.splitext(out)
+    if os.path.exists(out) and os.path.samefile(out, args.demo):  # --work-dir is the photo's folder
+        out = f"{stem}_seg{ext}"
     save_overlay(out, img, pred, palette, args.opacity)
-    print(f"wrote {out}")
+    key = legend(np.unique(pred).tolist(), palette, class_names(palette_name, num_classes), max(img.shape[1], 320))
+    save_image(f"{os.path.splitext(out)[0]}_legend.png", key)
+    print(f"wrote {out} and its legend {os.path.splitext(out)[0]}_legend.png")
     return out, pred
 
 
@@ -693,6 +732,8 @@ def main(argv=None):
 def run(args, info, num_classes):
     dev = info.device
     D.seed_everything(args.seed + info.rank)
+    # refuses a work dir holding a run unless --resume, locks it, checks a resume's flags: before any work
+    book = None if (args.eval_only or args.demo) else RunBook(args, info)
     if args.demo or args.eval_only:
         ck_path = args.checkpoint or os.path.join(args.work_dir, "best.pt")
         sd = read_segmentor_state(ck_path)
@@ -714,7 +755,8 @@ def run(args, info, num_classes):
     train_set, val_set = build_data(args, with_train=not args.eval_only)
     if not args.eval_only and len(train_set) == 0:
         raise UserError(f"--data-root {args.data_root}: the training split is empty")
-    book = None if args.eval_only else RunBook(args, info)  # refuses a work dir holding a run unless --resume
+    if not args.skip_data_check:
+        check_files([train_set, val_set], info)
     if not args.eval_only and not args.resume:
         if args.pretrained:
             # the plain ViT's keys only; the adapter keeps its init (upstream loads the ViT before it exists)
@@ -736,8 +778,10 @@ def run(args, info, num_classes):
         num_workers=min(args.workers, 2), collate_fn=collate_single)
     palette = get_palette(DATASETS[args.dataset]["palette"], num_classes)
 
+    names = class_names(DATASETS[args.dataset]["palette"], num_classes)
+
     def run_eval(tag):
-        vis = overlay_writer(os.path.join(args.work_dir, "vis", tag), val_set, palette, args.vis) \
+        vis = overlay_writer(os.path.join(args.work_dir, "vis", tag), val_set, palette, args.vis, names) \
             if info.is_main and args.vis else None
         fn = functools.partial(infer, args=args, num_classes=num_classes)
         return evaluate(D.unwrap(model), val_loader, num_classes, dev, fn, info.is_main, vis)

@@ -231,10 +231,24 @@ def _list_items(name, root, split, with_labels=True):
 # reading files
 
 def imread(path):
-    """(H, W, 3) uint8 RGB. Greyscale / CMYK / palette images are converted, as cv2's IMREAD_COLOR does."""
+    """(H, W, 3) uint8 RGB. Greyscale / CMYK / palette images are converted, as cv2's IMREAD_COLOR does;
+    16-bit greyscale (PIL modes I;16*, or I with values past 255) keeps its high byte, as cv2 does
+    (PIL's convert("RGB") would clip it to white)."""
     try:
         with Image.open(path) as im:
+            if im.mode.startswith("I"):
+                v = np.asarray(im).astype(np.int64)  # (H, W)
+                if v.size and (v.min() < 0 or v.max() > 65535):
+                    raise UserError(f"image {path} holds values outside 0..65535 (mode {im.mode}); expected an "
+                                    "8- or 16-bit image")
+                if im.mode.startswith("I;16") or (v.size and v.max() > 255):
+                    v = v >> 8
+                return np.repeat(v.astype(np.uint8)[..., None], 3, axis=2)
+            if im.mode == "F":
+                raise UserError(f"image {path} is a floating-point image; expected an 8- or 16-bit image")
             return np.array(im.convert("RGB"))
+    except UserError:
+        raise
     except FileNotFoundError:
         raise UserError(f"image {path} not found") from None
     except Exception as e:  # PIL raises OSError / UnidentifiedImageError / SyntaxError on bad files
@@ -385,6 +399,45 @@ class SegDataset(torch.utils.data.Dataset):
 def collate_eval(batch):
     """Test samples of different sizes: a dict of lists (img, label, name, ori_size, meta) instead of stacks."""
     return {k: [s[k] for s in batch] for k in batch[0]}
+
+
+def check_files(datasets, info, threads=8):
+    """Before the first iteration: every image (and label) of ``datasets`` exists, its header opens and a
+    label has its image's size. Headers only (fast), spread over the processes and threads; synthetic
+    sets have no files. Raises one UserError (the same on every process) naming the first bad file."""
+    from .dist import check_in_parallel
+    items = [it for ds in datasets if ds is not None for it in getattr(ds, "items", [])]
+    bad = check_in_parallel(items, _check_pair, info, threads)
+    if bad:
+        more = f" (and {len(bad) - 1} more bad file(s))" if len(bad) > 1 else ""
+        raise UserError(f"{bad[0][1]}{more}; found by the data check before training "
+                        "(--skip-data-check skips it)", all_ranks=True)
+    return len(items)
+
+
+def _header_size(path, kind):
+    """(W, H) of an image file from its header, or the reason it cannot be read."""
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except FileNotFoundError:
+        return f"{kind} {path} not found"
+    except Exception as e:  # PIL: UnidentifiedImageError / OSError / SyntaxError on damaged files
+        return f"{kind} {path} is not a readable image ({type(e).__name__}: {e})"
+
+
+def _check_pair(item):
+    img, label = item
+    size = _header_size(img, "image")
+    if isinstance(size, str) or label is None:
+        return size if isinstance(size, str) else None
+    lsize = _header_size(label, "label")
+    if isinstance(lsize, str):
+        return lsize
+    if lsize != size:
+        return (f"label {label} is {lsize[1]}x{lsize[0]} but its image {img} is {size[1]}x{size[0]}; "
+                "expected the same size")
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.ops import StochasticDepth
 
-from .io import UserError, load_checkpoint, load_state_dict_checked, strip_prefix, unwrap_state_dict
+from .io import UserError, load_checkpoint, load_state_dict_checked, state_dict_of, strip_prefix
 
 # (embed_dim, depth, num_heads)
 SIZES = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12), "large": (1024, 24, 16)}
@@ -162,7 +162,7 @@ class VisionTransformer(nn.Module):
     def load_pretrained(self, path):
         """DeiT .pth / AugReg .pth (timm layout) / AugReg .npz. Reports missing or unexpected keys."""
         sd = _read_vit_npz(path) if os.fspath(path).endswith(".npz") else \
-            unwrap_state_dict(load_checkpoint(path, "--pretrained"))
+            state_dict_of(load_checkpoint(path, "--pretrained"), f"--pretrained {path}")
         sd = vit_checkpoint_filter(strip_prefix(sd, "module."), self)
         return load_state_dict_checked(self, sd, f"--pretrained {path}", expect=_is_vit_key)
 
@@ -201,8 +201,9 @@ def _read_vit_npz(path):
         pos = w["Transformer/posembed_input/pos_embedding"]  # (1, N(+1), D)
         depth = sum(1 for k in w.files if k.startswith("Transformer/encoderblock_") and k.endswith("LayerNorm_0/scale"))
         heads = w["Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel"].shape[1]
-    except (KeyError, ValueError, OSError) as e:
-        raise UserError(f"--pretrained {path}: not a ViT .npz in the JAX/AugReg layout ({e})") from None
+    except Exception as e:  # KeyError, ValueError, OSError, EOFError (empty), BadZipFile (truncated)
+        raise UserError(f"--pretrained {path}: not a ViT .npz in the JAX/AugReg layout "
+                        f"({type(e).__name__}: {e})") from None
     has_cls = "cls" in w.files
     n_grid = pos.shape[1] - (1 if has_cls else 0)
     g = round(math.sqrt(n_grid))
@@ -210,8 +211,11 @@ def _read_vit_npz(path):
     m = TimmViT(img_size=g * kernel.shape[0], patch_size=kernel.shape[0], embed_dim=kernel.shape[3], depth=depth,
                 num_heads=heads, num_classes=num_classes, class_token=has_cls,
                 global_pool="token" if has_cls else "avg")
-    with torch.no_grad():
-        _load_weights(m, path)
+    try:
+        with torch.no_grad():
+            _load_weights(m, path)
+    except Exception as e:  # an array missing or damaged further in
+        raise UserError(f"--pretrained {path}: not a complete ViT .npz ({type(e).__name__}: {e})") from None
     return m.state_dict()
 
 
@@ -313,7 +317,7 @@ class BEiT(nn.Module):
         return x[:, 1:].transpose(1, 2).reshape(x.shape[0], -1, h, w)  # (B, D, H, W)
 
     def load_pretrained(self, path):
-        sd = strip_prefix(unwrap_state_dict(load_checkpoint(path, "--pretrained")), "module.")
+        sd = strip_prefix(state_dict_of(load_checkpoint(path, "--pretrained"), f"--pretrained {path}"), "module.")
         return load_state_dict_checked(self, beit_checkpoint_filter(sd, self), f"--pretrained {path}",
                                        expect=_is_vit_key)
 
