@@ -70,11 +70,12 @@ from tqdm import tqdm
 
 from common import dist as D
 from common.daformer import ConvModule, DAFormerHead
-from common.io import UserError, cli, load_checkpoint, load_state_dict_checked, unwrap_state_dict
+from common.io import (ArgumentParser, UserError, check_flags, cli, load_checkpoint, load_state_dict_checked,
+                       state_dict_of, work_dir_problem)
 from common.metrics import SYNTHIA13, SYNTHIA16, subset_miou
 from common.mit import MIT_SIZES, load_mit_pretrained, mit
-from common.palettes import get_palette
-from common.seg_data import MEAN, STD, SyntheticSeg, TestTransform, TrainTransform, build_dataset
+from common.palettes import class_names, get_palette
+from common.seg_data import MEAN, STD, SyntheticSeg, TestTransform, TrainTransform, build_dataset, check_files
 from common.segment import collate_single, evaluate, overlay_writer, resize
 from common.train import (RunBook, count_params, freeze_all_but, init_lr, param_groups, set_lr, summary,
                           warmup_poly_mmcv)
@@ -109,7 +110,7 @@ STAGES = ("source", "align", "teach", "rank", "propagate")
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     a = p.add_argument
     a("--stage", required=True, choices=STAGES, help="source training, the steps A / T / P, or the entropy ranking")
     a("--preset", default="synthetic", choices=sorted(PRESETS), help="benchmark: source -> target")
@@ -154,7 +155,8 @@ def get_args(argv=None):
     a("--eval-only", action="store_true", help="evaluate --checkpoint on the target val split and exit")
     a("--checkpoint", default=None, help="with --eval-only: ours (best.pt / last.pt) or an official ATP file")
     a("--summary", action="store_true", help="print parameter counts per module group and exit (no data)")
-    a("--vis", type=int, default=8, help="colour overlays written to work-dir/vis per evaluation")
+    a("--vis", type=int, default=8, help="image | truth | prediction pictures in work-dir/vis per evaluation")
+    a("--skip-data-check", action="store_true", help="do not open every file's header before training")
     a("--stop-at", type=int, default=None, help="stop after this iteration as if interrupted (tests --resume)")
     args = p.parse_args(argv)
     preset = {**RECIPE, **PRESETS[args.preset]}
@@ -173,11 +175,12 @@ def get_args(argv=None):
     args.proj_channels = args.proj_channels or preset["proj_dim"]
     for k in ("source_scale", "target_scale", "test_scale"):
         setattr(args, k, tuple(getattr(args, k) or preset[k]))
-    for flag in ("iters", "batch_size", "crop", "source_crop", "eval_interval", "ckpt_interval", "log_interval"):
-        if getattr(args, flag) <= 0:
-            p.error(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
-    if args.lr <= 0 or args.warmup < 0 or args.workers < 0 or not 0 < args.easy_ratio < 1:
-        p.error("--lr must be > 0, --warmup and --workers >= 0, --easy-ratio in (0, 1)")
+    check_flags(p, args, positive=("iters", "batch_size", "lr", "crop", "source_crop", "eval_interval",
+                                   "ckpt_interval", "log_interval", "easy_ratio", "embed_dims", "depths",
+                                   "num_heads", "sr_ratios", "head_channels", "proj_channels", "source_scale",
+                                   "target_scale", "test_scale", "num_samples"),
+                non_negative=("warmup", "weight_decay", "workers", "start_contrast", "drop_path", "vis"),
+                below_one=("easy_ratio", "drop_path"))
     if args.summary:
         return args
     synthetic = args.preset == "synthetic"
@@ -188,8 +191,15 @@ def get_args(argv=None):
     if args.stage != "source" and not (args.init or args.resume or args.eval_only):
         p.error(f"--stage {args.stage} needs --init: the previous step's checkpoint "
                 f"({'source' if args.stage == 'align' else 'align' if args.stage == 'teach' else 'teach'})")
+    for flag in ("pretrained", "init", "checkpoint", "ranking"):
+        path = getattr(args, flag)
+        if path and not os.path.isfile(path):
+            p.error(f"--{flag} {path}: file not found")
     if args.stage == "propagate" and not args.ranking and not args.eval_only:
         p.error("--stage propagate needs --ranking: the ranking.json written by --stage rank")
+    problem = None if args.eval_only else work_dir_problem(args.work_dir)
+    if problem:
+        p.error(f"--work-dir {args.work_dir}: {problem}")
     return args
 
 
@@ -241,9 +251,7 @@ def summarize(model):
 def read_segmentor_state(path, what):
     """The student's state dict from our checkpoints ('model'), DAFormer / mmseg ones ('state_dict' with
     backbone. / decode_head.) or ATP's (UDA wrapper: model.* the student, ema_model.* the teacher)."""
-    sd = unwrap_state_dict(load_checkpoint(path, what), ("model", "state_dict"))
-    if not isinstance(sd, dict) or not sd:
-        raise UserError(f"{what} {path} holds no state dict")
+    sd = state_dict_of(load_checkpoint(path, what), f"{what} {path}", ("model", "state_dict"))
     if any(k.startswith("model.") for k in sd):
         sd = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
     return sd
@@ -729,18 +737,23 @@ def main(argv=None):
 
 def run(args, info, num_classes):
     dev = info.device
+    training = not args.eval_only and args.stage != "rank"
+    book = RunBook(args, info) if training else None  # the work dir: refuse clobbering, lock, resume checks
     D.seed_everything(args.seed + info.rank)
     pr = {**RECIPE, **PRESETS[args.preset]}
     source, target, val = build_data(args, args.stage)
+    if not args.skip_data_check:
+        check_files([val] if args.eval_only else [source, target, val], info)
     model = build_model(args, num_classes, with_proj=args.stage != "source")
     prior = class_prior(num_classes, dev) if args.class_prior else None
-    palette = get_palette("cityscapes" if num_classes == 19 else "synthetic", num_classes)
+    pal_name = "cityscapes" if num_classes == 19 else "synthetic"
+    palette, names = get_palette(pal_name, num_classes), class_names(pal_name, num_classes)
     val_loader = torch.utils.data.DataLoader(
         val, batch_size=1, sampler=D.ShardSampler(len(val), info.rank, info.world_size),
         num_workers=min(args.workers, 2), collate_fn=collate_single)
 
     def run_eval(tag, net):
-        vis = overlay_writer(os.path.join(args.work_dir, "vis", tag), val, palette, args.vis) \
+        vis = overlay_writer(os.path.join(args.work_dir, "vis", tag), val, palette, args.vis, names) \
             if info.is_main and args.vis else None
         m = evaluate(net, val_loader, num_classes, dev, lambda mm, x, size: infer(mm, x, size, prior),
                      info.is_main, vis)
@@ -758,7 +771,6 @@ def run(args, info, num_classes):
         load_segmentor(model, args.init, "--init", allow_missing=("auxiliary_head.",))
         return rank(args, info, model.to(dev), target, num_classes)
 
-    book = RunBook(args, info)
     if not args.resume:
         if args.stage == "source":
             if args.pretrained:
