@@ -7,7 +7,20 @@ the unlabelled target-train images recover: batch-norm statistics re-estimated o
     python bench/synthetic_domain_gap.py --photometric            # mmseg PhotoMetricDistortion on the source
     python bench/synthetic_domain_gap.py --model mit --size 96    # tiny MiT + DAFormer head (needs common/mit.py)
 
-CPU only, a minute or two per seed with --threads 1 or 2.
+CPU only, a minute or two per seed with --threads 1 or 2 (4 minutes on a busy 2-core machine).
+
+Measured (conv net, 64x64, 6 classes, 192 source images, 300 iterations, --n-train 192), mIoU %:
+
+    seed | source-val | target-val | target, AdaBN | target, AdaBN + self-training
+    plain source augmentation (resize 0.75-1.5, flip):
+      0  |    81.2    |    55.3    |     67.4      |     67.1
+      1  |    62.2    |    41.3    |     52.9      |     50.4
+    with --photometric:
+      0  |    81.5    |    63.7    |     71.2      |     73.7
+      1  |    67.6    |    53.9    |     56.7      |     54.3
+
+The background-only prediction scores about 13. The naive self-training here (one round, confidence
+0.9, 150 iterations) adds little beyond AdaBN; the papers' methods are the scripts' business.
 """
 import argparse
 import os
