@@ -826,7 +826,7 @@ def run(args, info, num_classes):
     t0 = time.time()
     for it in bar:
         D.seed_step(args.seed, it, info.rank)  # augmentation draws, dropout, DropPath: exact on resume
-        if args.stage == "align" and not args.align_train_head:
+        if args.stage == "align" and not args.align_train_head and not os.environ.get("ATP_EXP_BN"):
             model.decode_head.eval()  # the locked classifier: frozen BN statistics, no dropout
         set_lr(opt, warmup_poly_mmcv(it, args.iters, args.warmup))
         if teacher is not None:
