@@ -105,6 +105,7 @@ CITYSCAPES_FREQ = (0.36869696, 0.06084986, 0.22824049, 0.00655399, 0.00877272, 0
                    0.0055127, 0.15928651, 0.01157818, 0.04018982, 0.01218957, 0.00135122, 0.06994545,
                    0.00267456, 0.00235192, 0.00232904, 0.00098658, 0.00413907)
 SYN_SIZE = (96, 96)
+HUE = float(os.environ.get("ATP_EXP_HUE", 0.2))
 NO_DECAY = ("pos_block", "norm")  # mmcv custom_keys decay_mult=0 (all MiT LayerNorms)
 STAGES = ("source", "align", "teach", "rank", "propagate")
 
@@ -336,13 +337,13 @@ def jitter_ops(x, fb, fc, fs, fh, order):
     return x
 
 
-def color_jitter(x, strength=0.2):
+def color_jitter(x, strength=0.2, hue=None):
     """kornia 0.5 ColorJitter(brightness=contrast=saturation=hue=strength): factors drawn per image,
     brightness / contrast / saturation in [1 - s, 1 + s], hue in [-s, s], one random order of the ops."""
     b = x.shape[0]
     u = lambda lo, hi: torch.rand(b, device=x.device) * (hi - lo) + lo  # noqa: E731
-    lo, hi = 1 - strength, 1 + strength
-    return jitter_ops(x, u(lo, hi), u(lo, hi), u(lo, hi), u(-strength, strength), torch.randperm(4).tolist())
+    lo, hi, h = 1 - strength, 1 + strength, strength if hue is None else hue
+    return jitter_ops(x, u(lo, hi), u(lo, hi), u(lo, hi), u(-h, h), torch.randperm(4).tolist())
 
 
 def blur_kernel_size(n):
@@ -371,17 +372,17 @@ class StrongAug:
     """One draw per iteration of the DACS decisions (jitter if u > 0.2, blur if u > 0.5); each call then
     draws its own jitter factors and blur sigma, as the release's strong_transform does."""
 
-    def __init__(self, device, strength=0.2, jitter_p=0.2):
+    def __init__(self, device, strength=0.2, jitter_p=0.2, hue=None):
         self.mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(STD, device=device).view(1, 3, 1, 1)
-        self.strength = strength
+        self.strength, self.hue = strength, strength if hue is None else hue
         self.jitter = torch.rand(()).item() > jitter_p
         self.blur = torch.rand(()).item() > 0.5
 
     def __call__(self, x):
         """x: normalised images (B, 3, H, W); returns a new tensor (never modifies x)."""
         if self.jitter:
-            x = color_jitter(x * self.std / 255 + self.mean / 255, self.strength) * 255
+            x = color_jitter(x * self.std / 255 + self.mean / 255, self.strength, self.hue) * 255
             x = (x - self.mean) / self.std
         if self.blur:
             x = gaussian_blur(x, float(torch.empty(()).uniform_(0.15, 1.15)))
@@ -602,7 +603,7 @@ def _weak_crops(teacher, img, crop):
 
 def step_align(model, batch, dev, teacher, num_classes, crop, **_):
     img = _weak_crops(teacher, batch["img"].to(dev), crop)
-    aug = StrongAug(dev)
+    aug = StrongAug(dev, hue=HUE)
     loss = curriculum_entropy_loss(model(aug(img)), num_classes)
     loss.backward()
     return {"loss": loss}
@@ -612,7 +613,7 @@ def step_teach(model, batch, dev, teacher, crop, **_):
     weak = _weak_crops(teacher, batch["img"].to(dev), crop)
     with torch.no_grad():
         pseudo = teacher(weak).softmax(dim=1).argmax(dim=1)  # every pixel, no threshold (the code)
-    logits = model(StrongAug(dev)(weak))
+    logits = model(StrongAug(dev, hue=HUE)(weak))
     l_ppl, l_npl = ce_loss(logits, pseudo), negative_loss(logits)
     (l_ppl + l_npl).backward()
     return {"loss": l_ppl + l_npl, "loss_ce": l_ppl, "loss_neg": l_npl}
@@ -633,7 +634,7 @@ def step_propagate(model, batch, dev, teacher, crop, protos, it, start_contrast,
             w_h[:, -ignore_bottom:] = 0
         # prototypes from the teacher's features of the weak (normalised) easy images
         protos.update(teacher.project(x_e), y_e)
-    aug = StrongAug(dev)
+    aug = StrongAug(dev, hue=HUE)
     s_e, s_h = aug(x_e), aug(x_h)
     logits_e = model(s_e)
     l_e = ce_loss(logits_e, y_e) + negative_loss(logits_e)
