@@ -133,7 +133,7 @@ class Preset:
     norm: tuple = IMAGENET
     with_cp: bool = False
     eval_amp: bool = False   # the configs' `fp16` key: read by the official test.py only (fp16 autocast on GPUs)
-    eval_interval: int = 16000  # ADE 16k, COCO-Stuff / Pascal 8k (iterations)
+    eval_interval: int = 16000  # ADE 160k: 16k; 80k configs 8k, 40k configs 4k, Cityscapes 1k (iterations)
     warmup: int = 1500          # linear warmup iterations (ratio 1e-6, mmcv style)
     ms_ratios: tuple = MS_RATIOS  # --ms-flip ratios of test_scale
     ms_setr: bool = None     # --ms-flip resize: SETR_Resize (None: for BEiT) or keep-ratio + multiple of 32
@@ -295,7 +295,7 @@ def get_args(argv=None):
     a("--ms-flip", action="store_true", help="multi-scale + flip test (0.5-1.75; the preset's ratios)")
     a("--test-flip", action=argparse.BooleanOptionalAction, default=None,
       help="single scale averaged with its flip (the BEiTv2 ADE 896 config)")
-    a("--eval-interval", type=int, default=None, help="evaluate and keep the best every N iterations (16k / 8k)")
+    a("--eval-interval", type=int, default=None, help="evaluate and keep the best every N iterations (16k / 8k / 4k / 1k)")
     a("--ckpt-interval", type=int, default=1000, help="write last.pt every N iterations")
     a("--log-interval", type=int, default=50, help="log the loss every N iterations")
     a("--num-classes", type=int, default=None, help="synthetic only: number of classes (default 6)")

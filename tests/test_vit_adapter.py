@@ -543,6 +543,12 @@ def test_ms_flip_is_flip_equivariant():
     torch.testing.assert_close(q, p.flip(-1), rtol=1e-5, atol=1e-5)  # both flips averaged, flips undone
     single = V.infer(model, img, (64, 96), tiny("--test-scale", "64", "64"), 6)
     assert (single - p).abs().max() > 1e-4  # and it is not the single-scale result
+    # --test-flip (BEiTv2 ADE 896): the single scale and its flip, averaged
+    flip_args = tiny("--test-flip", "--test-scale", "64", "64")
+    f = V.infer(model, img, (64, 96), flip_args, 6)
+    torch.testing.assert_close(V.infer(model, img.flip(-1), (64, 96), flip_args, 6), f.flip(-1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(f, (single + V.infer(model, img.flip(-1), (64, 96), tiny(
+        "--test-scale", "64", "64"), 6).flip(-1)) / 2)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -594,6 +600,30 @@ def test_torchrun_two_processes(tmp_path):
     assert any("mIoU" in r for r in log)
     ck = torch.load(os.path.join(wd, "last.pt"), weights_only=True)
     assert ck["iter"] == 6 and "backbone.interactions.3.extra_extractors.1.attn.value_proj.weight" in ck["model"]
+
+
+def test_mask2former_learns_under_torchrun(tmp_path):
+    # the synthetic_mask2former preset (ViT-Adapter 64 wide, 4 blocks; Mask2Former 64 wide, 2 encoder / 3 decoder
+    # layers, 16 queries, 1,024 points), 2 CPU processes, 100 iterations at batch 4. Predicting background
+    # everywhere scores 14.1 mIoU on this validation set (85% of its pixels); seed 0 reaches 57 on our machine
+    # and seeds 1 / 2 reached 30 / 74, so the bar of 25 holds for any seed seen while needing several shapes found
+    wd = str(tmp_path / "m2f")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "vit_adapter_seg.py"), "--preset", "synthetic_mask2former", "--batch-size", "4",
+           "--warmup", "5", "--workers", "0", "--vis", "1", "--num-samples", "32", "--iters", "100",
+           "--eval-interval", "100", "--log-interval", "20", "--work-dir", wd]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    log = _losses(wd)
+    train = [rec for rec in log if "loss" in rec]
+    assert [rec["iter"] for rec in train] == [20, 40, 60, 80, 100]
+    assert {"loss_cls", "loss_mask", "loss_dice", "loss_deep"} <= set(train[0])
+    miou = [rec["mIoU"] for rec in log if "mIoU" in rec]
+    assert len(miou) == 1 and miou[0] > 25, miou
+    ck = torch.load(os.path.join(wd, "best.pt"), weights_only=True)
+    assert "decode_head.transformer_decoder.post_norm.weight" in ck["model"]
+    assert os.listdir(os.path.join(wd, "vis", "iter_100"))  # the colour overlay of the evaluation
 
 
 def test_image_demo(tmp_path):
