@@ -23,7 +23,10 @@ BEiT:
 Checkpoints (``load_pretrained``): DeiT ``.pth`` ({'model': ...}), AugReg in timm layout (``.pth``) or as
 the original JAX ``.npz`` (read by timm's own npz loader), BEiT / BEiT v2 ``.pth`` with the relative
 position tables resized to the training grid by the BEiT method (geometric source coordinates, cubic
-spline), implemented here without SciPy: see ``resize_rel_pos_table``.
+spline), implemented here without SciPy: see ``resize_rel_pos_table``. BEiT v2 files (unilm/beit2, e.g.
+``beitv2_large_patch16_224_pt1k_ft21k.pth``) are saved by DeepSpeed: the weights sit under ``'module'``
+beside DeepSpeed's bookkeeping, and a pre-training file also holds the patch-aggregation layers
+``cls_pt_layers.*`` and ``lm_head``; the blocks have BEiT's names, so the same filter serves both.
 """
 import math
 import os
@@ -336,13 +339,13 @@ def beit_checkpoint_filter(sd, model):
     """BEiT / BEiT v2 .pth -> this module's state dict, as ViT-Adapter's loader does it: a shared
     ``rel_pos_bias`` table is copied into every block; ``relative_position_index`` is dropped (the model
     builds its own); each table is resized from the checkpoint grid to the model's (2G-1)^2 by
-    ``resize_rel_pos_table``; pre-training heads and norms are dropped."""
+    ``resize_rel_pos_table``; pre-training heads and norms (BEiT v2: also its cls_pt_layers) are dropped."""
     sd = dict(sd)
     shared = sd.pop("rel_pos_bias.relative_position_bias_table", None)
     if shared is not None:
         for i in range(len(model.blocks)):
             sd.setdefault(f"blocks.{i}.attn.relative_position_bias_table", shared.clone())
-    drop = ("mask_token", "lm_head.", "norm.", "fc_norm.", "head.", "pos_embed", "rel_pos_bias.")
+    drop = ("mask_token", "lm_head.", "norm.", "fc_norm.", "head.", "pos_embed", "rel_pos_bias.", "cls_pt_layers.")
     out = {}
     for k, v in sd.items():
         if k.startswith(drop) or k.endswith("relative_position_index"):
