@@ -35,7 +35,8 @@ Choices, where the official code is odd (reproduced unless said otherwise):
   custom_keys (first match after sorting by length then name: 'head' biases keep lr x1);
 - the loss is mmseg's CE averaged over all pixels (ignored ones count as 0);
 - SyncBN (SPM, output norms, heads) is SyncBN under torchrun on GPUs, BN otherwise;
-- fp16 configs (DeiT, AugReg-T/B) train with autocast + GradScaler(init 512) on GPUs (--amp), fp32 on CPU;
+- the DeiT / AugReg-T/B configs' `fp16` key is never read by mmseg 0.20.2's training (spec 5.2), so every
+  preset trains in fp32; --amp (autocast + GradScaler, init scale 512, GPU only) is opt-in;
 - BEiT has a fixed token grid: slide windows smaller than the crop are padded (pitfall 2 of the spec);
 - --ms-flip: the ratios 0.5..1.75 + flip of the BEiT-640 configs (SETR_Resize there; mmseg keep-ratio
   scales + multiples of 32 for the others, which ship no multi-scale config); each scale is a bilinear
@@ -117,17 +118,17 @@ _BEIT_L = dict(backbone="beit", size="large", lr=2e-5, weight_decay=0.05, layer_
                init_values=1e-6, head_channels=1024, with_cp=True,
                pretrained="beit_large_patch16_224_pt22k_ft22k.pth")
 PRESETS = {
-    "ade20k_deit_tiny": Preset("vit", "tiny", **_ADE, lr=1.2e-4, weight_decay=0.01, layer_decay=0.95, amp=True,
+    "ade20k_deit_tiny": Preset("vit", "tiny", **_ADE, lr=1.2e-4, weight_decay=0.01, layer_decay=0.95,
                                pretrained="deit_tiny_patch16_224-a1311bcf.pth"),
-    "ade20k_deit_small": Preset("vit", "small", **_ADE, lr=6e-5, weight_decay=0.01, layer_decay=0.95, amp=True,
+    "ade20k_deit_small": Preset("vit", "small", **_ADE, lr=6e-5, weight_decay=0.01, layer_decay=0.95,
                                 pretrained="deit_small_patch16_224-cd65a155.pth"),
-    "ade20k_deit_base": Preset("vit", "base", **_ADE, lr=6e-5, weight_decay=0.01, layer_decay=0.95, amp=True,
+    "ade20k_deit_base": Preset("vit", "base", **_ADE, lr=6e-5, weight_decay=0.01, layer_decay=0.95,
                                pretrained="deit_base_patch16_224-b5f2ef4d.pth"),
-    "ade20k_augreg_tiny": Preset("vit", "tiny", **_ADE, lr=1.2e-4, weight_decay=0.01, layer_decay=0.95, amp=True,
+    "ade20k_augreg_tiny": Preset("vit", "tiny", **_ADE, lr=1.2e-4, weight_decay=0.01, layer_decay=0.95,
                                  pretrained="Ti_16-i21k-300ep-lr_0.001-aug_none-wd_0.03-do_0.0-sd_0.0--imagenet2012-"
                                             "steps_20k-lr_0.03-res_224.pth"),
     "ade20k_augreg_base": Preset("vit", "base", **_ADE, lr=2e-5, weight_decay=0.01, custom_keys=True,
-                                 pretrain_size=384, norm=HALF, amp=True,
+                                 pretrain_size=384, norm=HALF,
                                  pretrained="B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0--imagenet2012-"
                                             "steps_20k-lr_0.01-res_384.pth"),
     "ade20k_augreg_large": Preset("vit", "large", **_ADE, lr=2e-5, weight_decay=0.05, layer_decay=0.95,
@@ -177,7 +178,7 @@ def get_args(argv=None):
     a("--pretrain-size", type=int, default=None, help="ViT position grid x16 of --pretrained (224; AugReg-B/L 384)")
     a("--head-channels", type=int, default=None, help="UperNet channels (512; BEiT-L 1024); FCN aux: 256")
     a("--with-cp", action=argparse.BooleanOptionalAction, default=None, help="gradient checkpointing (L: on)")
-    a("--amp", action=argparse.BooleanOptionalAction, default=None, help="fp16 autocast on GPU (the fp16 configs)")
+    a("--amp", action=argparse.BooleanOptionalAction, default=None, help="fp16 autocast + GradScaler on GPU (off: the configs train fp32)")
     # schedule
     a("--iters", type=int, default=None, help="iterations (ADE 160k, COCO / Pascal 80k)")
     a("--batch-size", type=int, default=16, help="global batch over all processes (paper 16 = 8 x 2)")
