@@ -235,3 +235,17 @@ def test_mid_checkpoint_in_the_official_layout(tmp_path):
     P.load_weights(a, model)
     own = model.backbone.state_dict()
     assert all(torch.equal(own[k], v + 1) for k, v in expect.items())
+
+
+def test_training_loop_follows_the_mmengine_schedule(tmp_path):
+    """Spec 2.5 / 3.4: mmengine LinearLR(1e-6, warmup) then PolyLR(power 1) to the last iteration, set every
+    iteration (the logged lr of iteration k, 0-based, is lr x warmup_poly(k)): 3 iterations of a 4-iteration
+    midstream run, warmup 2."""
+    import json
+    from common.train import warmup_poly
+    wd = tmp_path / "mid"
+    P.main(["--stage", "mid", *TINY, "--iters", "4", "--stop-at", "3", "--warmup", "2", "--log-interval", "1",
+            "--lr", "1e-3", "--work-dir", str(wd)])
+    lrs = [r["lr"] for r in map(json.loads, open(wd / "log.jsonl")) if "lr" in r]
+    assert lrs == pytest.approx([1e-3 * warmup_poly(k, 4, 2) for k in range(3)])
+    assert lrs == pytest.approx([1e-9, 1e-3 * (1e-6 + (1 - 1e-6) / 2), 1e-3])

@@ -267,3 +267,18 @@ def test_checkpoint_pos_embed_resize_equals_timm(src, dst, prefix):
         ref = torch.cat([torch.zeros(1, 1, 8), ref], 1)
     assert out.shape == model.pos_embed.shape
     torch.testing.assert_close(out, ref)
+
+
+def test_training_loop_follows_the_mmcv_schedule(tmp_path):
+    """Spec 5.1: mmcv 1.x poly (power 1, min 0) over the whole run with the linear warmup (ratio 1e-6)
+    multiplied on top, set every iteration; the logged lr is the largest group's (scale 1): 3 iterations of a
+    4-iteration run, warmup 2."""
+    import json
+    from common.train import warmup_poly_mmcv
+    wd = tmp_path / "run"
+    V.main(["--preset", "synthetic", "--batch-size", "2", "--workers", "0", "--vis", "0", "--num-samples", "4",
+            "--iters", "4", "--stop-at", "3", "--warmup", "2", "--log-interval", "1", "--lr", "1e-3",
+            "--eval-interval", "100", "--work-dir", str(wd)])
+    lrs = [r["lr"] for r in map(json.loads, open(wd / "log.jsonl")) if "lr" in r]
+    assert lrs == pytest.approx([1e-3 * warmup_poly_mmcv(k, 4, 2) for k in range(3)])
+    assert lrs == pytest.approx([1e-9, 1e-3 * 0.75 * (1 - 0.5 * (1 - 1e-6)), 1e-3 * 0.5])

@@ -188,6 +188,11 @@ MUTATIONS = [
       "y0, x0 = 0, 0", "validation crop at the corner"),
     M("S53", "vpetl_video.py", "f = F.avg_pool3d(f, (min(2, t), h, w), stride=1)", "f = F.avg_pool3d(f, (t, h, w), stride=1)",
       "head pools all of time (not upstream's (2, H, W))"),
+    # the schedules the training loops set
+    M("S54", "propetl.py", "set_lr(opt, warmup_poly(it, args.iters, args.warmup))",
+      "set_lr(opt, warmup_poly(it + 1, args.iters, args.warmup))", "ProPETL loop sets the next iteration's lr"),
+    M("S55", "vit_adapter_seg.py", "set_lr(opt, warmup_poly_mmcv(it, args.iters, args.warmup))",
+      "set_lr(opt, warmup_poly_mmcv(it, args.iters, args.warmup, power=0.9))", "ViT-Adapter poly power 0.9"),
 ]
 
 # per mutated file, the existing test files that exercise it, fast files first
@@ -235,8 +240,10 @@ def pytest(tree, files, select=None, timeout=1800):
     cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-rfE", "-p", "no:randomly", *[os.path.join("tests", f) for f in files]]
     if select:
         cmd += ["-k", select]
+    # the compiled op's cache of its own: a cache shared with another checkout is rebuilt at every switch
+    env = dict(os.environ, MSDA_BUILD_DIR=os.environ.get("MSDA_BUILD_DIR", os.path.join(tree, ".msda_build")))
     try:
-        r = subprocess.run(cmd, cwd=tree, capture_output=True, text=True, timeout=timeout)
+        r = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return False, "timeout"
     if r.returncode == 5:  # nothing selected: nothing failed
