@@ -105,7 +105,6 @@ CITYSCAPES_FREQ = (0.36869696, 0.06084986, 0.22824049, 0.00655399, 0.00877272, 0
                    0.0055127, 0.15928651, 0.01157818, 0.04018982, 0.01218957, 0.00135122, 0.06994545,
                    0.00267456, 0.00235192, 0.00232904, 0.00098658, 0.00413907)
 SYN_SIZE = (96, 96)
-HUE = float(os.environ.get("ATP_EXP_HUE", 0.2))
 NO_DECAY = ("pos_block", "norm")  # mmcv custom_keys decay_mult=0 (all MiT LayerNorms)
 STAGES = ("source", "align", "teach", "rank", "propagate")
 
@@ -603,7 +602,7 @@ def _weak_crops(teacher, img, crop):
 
 def step_align(model, batch, dev, teacher, num_classes, crop, **_):
     img = _weak_crops(teacher, batch["img"].to(dev), crop)
-    aug = StrongAug(dev, hue=HUE)
+    aug = StrongAug(dev)
     loss = curriculum_entropy_loss(model(aug(img)), num_classes)
     loss.backward()
     return {"loss": loss}
@@ -613,7 +612,7 @@ def step_teach(model, batch, dev, teacher, crop, **_):
     weak = _weak_crops(teacher, batch["img"].to(dev), crop)
     with torch.no_grad():
         pseudo = teacher(weak).softmax(dim=1).argmax(dim=1)  # every pixel, no threshold (the code)
-    logits = model(StrongAug(dev, hue=HUE)(weak))
+    logits = model(StrongAug(dev)(weak))
     l_ppl, l_npl = ce_loss(logits, pseudo), negative_loss(logits)
     (l_ppl + l_npl).backward()
     return {"loss": l_ppl + l_npl, "loss_ce": l_ppl, "loss_neg": l_npl}
@@ -634,7 +633,7 @@ def step_propagate(model, batch, dev, teacher, crop, protos, it, start_contrast,
             w_h[:, -ignore_bottom:] = 0
         # prototypes from the teacher's features of the weak (normalised) easy images
         protos.update(teacher.project(x_e), y_e)
-    aug = StrongAug(dev, hue=HUE)
+    aug = StrongAug(dev)
     s_e, s_h = aug(x_e), aug(x_h)
     logits_e = model(s_e)
     l_e = ce_loss(logits_e, y_e) + negative_loss(logits_e)
@@ -827,7 +826,7 @@ def run(args, info, num_classes):
     t0 = time.time()
     for it in bar:
         D.seed_step(args.seed, it, info.rank)  # augmentation draws, dropout, DropPath: exact on resume
-        if args.stage == "align" and not args.align_train_head and not os.environ.get("ATP_EXP_BN"):
+        if args.stage == "align" and not args.align_train_head:
             model.decode_head.eval()  # the locked classifier: frozen BN statistics, no dropout
         set_lr(opt, warmup_poly_mmcv(it, args.iters, args.warmup))
         if teacher is not None:
