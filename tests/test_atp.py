@@ -394,3 +394,27 @@ def test_adaptation_is_source_free(tmp_path, monkeypatch):
     assert labels == {True}  # only the evaluation's val labels
     train_imgs = {p for kind, p in opened if kind == "img" and f"leftImg8bit{os.sep}train" in p}
     assert len(train_imgs) == 4  # every target training image was used (rank reads them all)
+
+
+def test_steps_under_torchrun_match_one_process(chain, tmp_path):
+    """Two CPU processes (gloo) split the batch and average the gradients: one teach iteration (the EMA
+    teacher, the strong augmentation drawn per process) runs, and the ranking gathered from two processes
+    equals the one-process ranking (chain) exactly."""
+    import subprocess
+    import sys
+    tmp, ranked = chain
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "atp_sfda.py"]
+    r = subprocess.run([*base, *_tiny(tmp, "rank", "--init", str(tmp / "teach" / "last.pt"),
+                                      "--work-dir", str(tmp_path / "rank"))],
+                       cwd=root, env=env, timeout=300, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    two = json.load(open(tmp_path / "rank" / "ranking.json"))
+    assert two["easy"] == ranked["easy"] and two["hard"] == ranked["hard"]
+    r = subprocess.run([*base, *_tiny(tmp, "teach", "--iters", "1", "--init", str(tmp / "src" / "last.pt"),
+                                      "--work-dir", str(tmp_path / "t"))],
+                       cwd=root, env=env, timeout=300, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ck = torch.load(tmp_path / "t" / "last.pt", weights_only=True)
+    assert ck["iter"] == 1 and ck["teacher"] is not None
