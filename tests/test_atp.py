@@ -418,3 +418,25 @@ def test_steps_under_torchrun_match_one_process(chain, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     ck = torch.load(tmp_path / "t" / "last.pt", weights_only=True)
     assert ck["iter"] == 1 and ck["teacher"] is not None
+
+
+def test_official_checkpoint_layouts(chain, tmp_path):
+    """An ATP release file ({'meta', 'state_dict'} with model.* = student, ema_model.* = teacher) and a
+    DAFormer segmentor file (backbone.* / decode_head.*) evaluate like our own checkpoint of the same
+    weights; the student is the one used, never the teacher."""
+    tmp, _ = chain
+    ours = torch.load(tmp / "teach" / "last.pt", weights_only=True)
+    student, teacher = ours["model"], ours["teacher"]
+    assert any(not torch.equal(student[k], teacher[k]) for k in student)
+    atp = {"meta": {"iter": 40000}, "state_dict": {**{f"model.{k}": v for k, v in student.items()},
+                                                   **{f"ema_model.{k}": v for k, v in teacher.items()}}}
+    torch.save(atp, tmp_path / "atp.pth")
+    daformer = {"state_dict": {k: v for k, v in student.items() if not k.startswith("auxiliary_head.")}}
+    torch.save(daformer, tmp_path / "daformer.pth")
+    args = ["propagate", "--eval-only", "--work-dir", str(tmp_path / "e")]
+    ref = run(_tiny(tmp, *args, "--checkpoint", str(tmp / "teach" / "last.pt")))
+    for f in ("atp.pth", "daformer.pth"):
+        got = run(_tiny(tmp, *args, "--checkpoint", str(tmp_path / f)))
+        assert got["mIoU"] == ref["mIoU"] and got["IoU"] == ref["IoU"]
+    torch.save({"state_dict": {f"model.{k}": v for k, v in teacher.items()}}, tmp_path / "teacher.pth")
+    assert run(_tiny(tmp, *args, "--checkpoint", str(tmp_path / "teacher.pth")))["IoU"] != ref["IoU"]
