@@ -576,7 +576,9 @@ class AdapterMixin:
         n2, n3 = c2.shape[1], c3.shape[1]
         c = torch.cat([c2 + self.level_embed[0], c3 + self.level_embed[1], c4 + self.level_embed[2]], dim=1)
         x, (gh, gw) = self.embed(img)  # (B, H*W, D) patch tokens (+ resized pos_embed for DeiT / AugReg)
-        cls = self.cls_token.expand(b, -1, -1) if self.cls_token is not None else None
+        # a copy, not a view: a view of a parameter taken under no_grad "requires grad" without a grad_fn, which
+        # module hooks (FlopCounterMode's tracker, in bench/) cannot handle
+        cls = self.cls_token.repeat(b, 1, 1) if self.cls_token is not None else None
         outs = []
         for layer, (s, e) in zip(self.interactions, self.interaction_indexes):
             x, c, cls = layer(x, c, cls, self.blocks[s:e + 1], inj, ext, gh, gw)

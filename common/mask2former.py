@@ -369,8 +369,10 @@ class Mask2FormerHead(nn.Module):
             h, w = m.shape[-2:]
             mem.append(m.flatten(2).transpose(1, 2) + self.level_embed.weight[i])  # (B, h*w, C)
             mem_pos.append(sine_position(h, w, m.shape[1] // 2, dev).flatten(2).transpose(1, 2).to(m.dtype))
-        q = self.query_feat.weight[None].expand(b, -1, -1)  # (Q, C) -> (B, Q, C)
-        q_pos = self.query_embed.weight[None].expand(b, -1, -1)
+        # (Q, C) -> (B, Q, C); copies, not views: a view of a parameter taken under no_grad still "requires grad"
+        # without a grad_fn, which module hooks (FlopCounterMode's tracker) cannot handle
+        q = self.query_feat.weight.unsqueeze(0).repeat(b, 1, 1)
+        q_pos = self.query_embed.weight.unsqueeze(0).repeat(b, 1, 1)
         cls, mask = self._predict(q, mask_feature)
         all_cls, all_mask = [cls], [mask]
         for i, layer in enumerate(self.transformer_decoder.layers):

@@ -497,6 +497,22 @@ def test_layer_decay_groups_follow_upstream():
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
 
 
+def test_mask2former_layer_decay_quirk():
+    # upstream's get_num_layer_for_vit: decode_head.{mask_embed, cls_embed, level_embed, query_embed, query_feat}
+    # share layer 0 with the patch embedding (the smallest lr); the rest of the head is in the top layer
+    _, model = _tiny_m2f()
+    groups = V.layer_decay_groups(model, 0.05, 0.9, 4)
+    scale = {n: g["lr_scale"] for g in groups for n in g["names"]}
+    for n in ("decode_head.mask_embed.0.weight", "decode_head.mask_embed.4.bias", "decode_head.cls_embed.weight",
+              "decode_head.level_embed.weight", "decode_head.query_embed.weight", "decode_head.query_feat.weight",
+              "backbone.patch_embed.proj.weight"):
+        assert scale[n] == pytest.approx(0.9 ** 5), n
+    for n in ("decode_head.pixel_decoder.level_encoding.weight", "decode_head.transformer_decoder.post_norm.weight",
+              "decode_head.transformer_decoder.layers.0.attentions.0.attn.in_proj_weight"):
+        assert scale[n] == 1.0, n
+    assert scale["backbone.blocks.3.attn.qkv.weight"] == pytest.approx(0.9)
+
+
 def test_augreg_b_custom_keys():
     args = V.get_args(["--preset", "ade20k_augreg_base", "--summary"])
     model = V.build_model(args, 150)
