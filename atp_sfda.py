@@ -780,6 +780,7 @@ def run(args, info, num_classes):
         else:  # the previous step's student; a source model has no projection head yet (its init stays)
             load_segmentor(model, args.init, "--init", allow_missing=("auxiliary_head.",))
     model.to(dev)
+    D.broadcast_params(model)  # one model on every process: the random inits differ (seeded per rank)
     if info.distributed and dev.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if args.stage == "align" and not args.align_train_head:
@@ -842,6 +843,7 @@ def run(args, info, num_classes):
             raise RuntimeError(f"loss is {parts['loss'].item()} at iteration {it}; stopping without saving")
         D.average_gradients(model)
         opt.step()
+        D.broadcast_params(model, buffers_only=True)  # rank 0's BatchNorm statistics, as DDP's broadcast_buffers
 
         done = it + 1
         if info.is_main and (done % args.log_interval == 0 or done == stop):

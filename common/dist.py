@@ -178,3 +178,15 @@ def average_gradients(model):
         for g in grads:
             g.copy_(flat[offset:offset + g.numel()].view_as(g))
             offset += g.numel()
+
+
+def broadcast_params(model, src=0, buffers_only=False):
+    """Copies rank ``src``'s parameters and buffers to every process, as DistributedDataParallel does when
+    it wraps a model (all) and before each forward (buffers: BatchNorm statistics): scripts that average
+    gradients themselves must start from one model, not from each process's own random initialisation,
+    and keep one set of running statistics."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    with torch.no_grad():
+        for t in ([] if buffers_only else list(model.parameters())) + list(model.buffers()):
+            dist.broadcast(t.data, src=src)

@@ -418,6 +418,16 @@ def test_steps_under_torchrun_match_one_process(chain, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     ck = torch.load(tmp_path / "t" / "last.pt", weights_only=True)
     assert ck["iter"] == 1 and ck["teacher"] is not None
+    # a source model from scratch: both processes must train one model (their random inits differ), so the
+    # two-process evaluation equals one process evaluating the saved weights
+    r = subprocess.run([*base, *_tiny(tmp, "source", "--iters", "2", "--eval-interval", "2",
+                                      "--work-dir", str(tmp_path / "s"))],
+                       cwd=root, env=env, timeout=300, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    logged = [json.loads(line) for line in open(tmp_path / "s" / "log.jsonl") if '"mIoU"' in line][-1]
+    one = run(_tiny(tmp, "source", "--eval-only", "--checkpoint", str(tmp_path / "s" / "last.pt"),
+                    "--work-dir", str(tmp_path / "e")))
+    assert one["mIoU"] == pytest.approx(logged["mIoU"], abs=1e-9)
 
 
 def test_official_checkpoint_layouts(chain, tmp_path):
