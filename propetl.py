@@ -39,13 +39,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import dist as D
-from common.io import JsonLog, UserError, cli, load_checkpoint, load_state_dict_checked, unwrap_state_dict
+from common.io import UserError, cli, load_checkpoint, load_state_dict_checked, unwrap_state_dict
 from common.palettes import get_palette
 from common.seg_data import DATASETS, SyntheticSeg, TestTransform, TrainTransform, build_dataset
 from common.segment import EncoderDecoder, collate_single, evaluate, overlay_writer, pad_batch, predict
 from common.swin import SWIN_SIZES, SwinBlock, SwinTransformer, load_swin_pretrained
-from common.train import (count_params, freeze_all_but, init_lr, param_groups, resume_state, save_state,
-                          set_lr, summary, warmup_poly)
+from common.train import (RunBook, count_params, freeze_all_but, init_lr, param_groups, set_lr, summary,
+                          warmup_poly)
 from common.upernet import FCNHead, UPerHead
 
 # ----------------------------------------------------------------------------------------------------
@@ -345,12 +345,10 @@ def run(args, info, num_classes):
         ck_path = args.checkpoint or os.path.join(args.work_dir, "best.pt")
         ck = load_checkpoint(ck_path, "--checkpoint")
         load_state_dict_checked(model, unwrap_state_dict(ck, ("model", "state_dict")), f"--checkpoint {ck_path}")
-    elif not args.resume:
-        for f in ("last.pt", "best.pt"):
-            if os.path.exists(os.path.join(args.work_dir, f)):
-                raise UserError(f"{os.path.join(args.work_dir, f)} exists: pass --resume to continue that run, "
-                                "or choose another --work-dir (a new run would overwrite it)")
-        load_weights(args, model)
+    else:
+        book = RunBook(args, info)  # refuses a work dir holding a run unless --resume
+        if not args.resume:
+            load_weights(args, model)
     model.to(dev)
     if info.distributed and dev.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # SyncBN as the configs (GPU only)
@@ -358,10 +356,6 @@ def run(args, info, num_classes):
     groups = param_groups(model, args.weight_decay, NO_DECAY)
     opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
     init_lr(opt, args.lr)
-    start, best = 0, -1.0
-    if args.resume:
-        ck = resume_state(args.work_dir, model, opt)
-        start, best = ck["iter"], ck.get("best_mIoU", -1.0)
 
     val_loader = torch.utils.data.DataLoader(
         val_set, batch_size=1, sampler=D.ShardSampler(len(val_set), info.rank, info.world_size),
@@ -383,12 +377,13 @@ def run(args, info, num_classes):
             print(f"mIoU {m['mIoU']:.2f}  mAcc {m['mAcc']:.2f}  aAcc {m['aAcc']:.2f}")
         return m
 
+    book.resume(model, opt)
+    start = book.start
     if info.is_main:
-        os.makedirs(args.work_dir, exist_ok=True)
         print(f"stage {args.stage} on {args.dataset}: {count_params(model, True):,} trainable of "
               f"{count_params(model):,} parameters; {args.iters} iterations at batch {args.batch_size} "
               f"({info.world_size} process(es) on {dev})")
-    log = JsonLog(os.path.join(args.work_dir, "log.jsonl") if info.is_main else None)
+    log = book.log
     if info.distributed:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
 
@@ -396,7 +391,7 @@ def run(args, info, num_classes):
     model.train()
     stop = min(args.iters, args.stop_at or args.iters)
     bar = tqdm(range(start, stop), initial=start, total=args.iters, disable=not info.is_main, desc=args.stage)
-    t0, metrics = time.time(), None
+    t0 = time.time()
     for it in bar:
         D.seed_step(args.seed, it, info.rank)  # dropout / DropPath: exact on resume
         set_lr(opt, warmup_poly(it, args.iters, args.warmup))
@@ -420,22 +415,12 @@ def run(args, info, num_classes):
             rec.update({k: v.item() for k, v in parts.items()})
             log(**rec)
             bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}")
-        if args.stage != "mid" and (done % args.eval_interval == 0 or done == args.iters):
-            metrics = run_eval(f"iter_{done}")
-            if info.is_main:
-                log(iter=done, **{k: metrics[k] for k in ("mIoU", "mAcc", "aAcc")})
-                tqdm.write(f"iter {done}: mIoU {metrics['mIoU']:.2f}  mAcc {metrics['mAcc']:.2f}  "
-                           f"aAcc {metrics['aAcc']:.2f}")
-                if metrics["mIoU"] > best:
-                    best = metrics["mIoU"]
-                    save_state(args.work_dir, "best.pt", model, None, done, vars(args), {"mIoU": best})
-        if info.is_main and (done % args.ckpt_interval == 0 or done == stop or
-                             (args.stage != "mid" and done % args.eval_interval == 0)):
-            save_state(args.work_dir, "last.pt", model, opt, done, vars(args), {"best_mIoU": best})
+        evaluating = args.stage != "mid" and (done % args.eval_interval == 0 or done == args.iters)
+        book.step_end(done, model, opt, save=done % args.ckpt_interval == 0 or done == stop,
+                      evaluate=(lambda: run_eval(f"iter_{done}")) if evaluating else None)
     bar.close()
-    if info.is_main and metrics is not None:
-        print(f"final mIoU {metrics['mIoU']:.2f} (best {best:.2f}); checkpoints in {args.work_dir}")
-    return metrics
+    book.finish()
+    return book.last_metrics
 
 
 

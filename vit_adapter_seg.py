@@ -58,13 +58,13 @@ from torchvision.ops import StochasticDepth
 from tqdm import tqdm
 
 from common import dist as D
-from common.io import JsonLog, UserError, cli, load_checkpoint, load_state_dict_checked, strip_prefix, unwrap_state_dict
+from common.io import UserError, cli, load_checkpoint, load_state_dict_checked, strip_prefix, unwrap_state_dict
 from common.palettes import PALETTES, get_palette, save_overlay
 from common.seg_data import (DATASETS, SyntheticSeg, TestTransform, TrainTransform, build_dataset, imread,
                              rescale_size)
 from common.segment import (EncoderDecoder, collate_single, evaluate, overlay_writer, pad_batch, predict,
                             resize)
-from common.train import count_params, init_lr, resume_state, save_state, set_lr, summary, warmup_poly_mmcv
+from common.train import RunBook, count_params, init_lr, set_lr, summary, warmup_poly_mmcv
 from common.upernet import FCNHead, UPerHead
 from common.vit import BEiT, SIZES, VisionTransformer
 from ops import MSDeformAttn
@@ -714,11 +714,8 @@ def run(args, info, num_classes):
     train_set, val_set = build_data(args, with_train=not args.eval_only)
     if not args.eval_only and len(train_set) == 0:
         raise UserError(f"--data-root {args.data_root}: the training split is empty")
+    book = None if args.eval_only else RunBook(args, info)  # refuses a work dir holding a run unless --resume
     if not args.eval_only and not args.resume:
-        for f in ("last.pt", "best.pt"):
-            if os.path.exists(os.path.join(args.work_dir, f)):
-                raise UserError(f"{os.path.join(args.work_dir, f)} exists: pass --resume to continue that run, "
-                                "or choose another --work-dir (a new run would overwrite it)")
         if args.pretrained:
             # the plain ViT's keys only; the adapter keeps its init (upstream loads the ViT before it exists)
             model.backbone.load_pretrained(args.pretrained)
@@ -729,11 +726,9 @@ def run(args, info, num_classes):
     opt = build_optimizer(args, model)
     use_amp = bool(args.amp) and dev.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", init_scale=512.0, enabled=use_amp)  # mmcv fp16: dynamic, init 512
-    start, best = 0, -1.0
-    if args.resume:
-        ck = resume_state(args.work_dir, model, opt)
-        start, best = ck["iter"], ck.get("best_mIoU", -1.0)
-        if "scaler" in ck:
+    if book is not None:
+        ck = book.resume(model, opt)
+        if ck and "scaler" in ck:
             scaler.load_state_dict(ck["scaler"])
 
     val_loader = torch.utils.data.DataLoader(
@@ -753,14 +748,14 @@ def run(args, info, num_classes):
             print(f"mIoU {m['mIoU']:.2f}  mAcc {m['mAcc']:.2f}  aAcc {m['aAcc']:.2f}")
         return m
 
+    start = book.start
     if info.is_main:
-        os.makedirs(args.work_dir, exist_ok=True)
         if not args.pretrained and not args.resume and PRESETS[args.preset].pretrained:
             print(f"note: no --pretrained: the ViT starts from scratch (the config starts from "
                   f"{PRESETS[args.preset].pretrained})")
         print(f"{args.preset}: {count_params(model):,} parameters; {args.iters} iterations at batch "
               f"{args.batch_size} ({info.world_size} process(es) on {dev}{', fp16' if use_amp else ''})")
-    log = JsonLog(os.path.join(args.work_dir, "log.jsonl") if info.is_main else None)
+    log = book.log
     if info.distributed:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
 
@@ -768,7 +763,7 @@ def run(args, info, num_classes):
     model.train()
     stop = min(args.iters, args.stop_at or args.iters)
     bar = tqdm(range(start, stop), initial=start, total=args.iters, disable=not info.is_main, desc=args.preset)
-    t0, metrics = time.time(), None
+    t0 = time.time()
     for it in bar:
         D.seed_step(args.seed, it, info.rank)  # dropout / DropPath: exact on resume
         set_lr(opt, warmup_poly_mmcv(it, args.iters, args.warmup))
@@ -790,22 +785,13 @@ def run(args, info, num_classes):
             rec.update({k: v.item() for k, v in parts.items()})
             log(**rec)
             bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}")
-        if done % args.eval_interval == 0 or done == args.iters:
-            metrics = run_eval(f"iter_{done}")
-            if info.is_main:
-                log(iter=done, **{k: metrics[k] for k in ("mIoU", "mAcc", "aAcc")})
-                tqdm.write(f"iter {done}: mIoU {metrics['mIoU']:.2f}  mAcc {metrics['mAcc']:.2f}  "
-                           f"aAcc {metrics['aAcc']:.2f}")
-                if metrics["mIoU"] > best:
-                    best = metrics["mIoU"]
-                    save_state(args.work_dir, "best.pt", model, None, done, vars(args), {"mIoU": best})
-        if info.is_main and (done % args.ckpt_interval == 0 or done == stop or done % args.eval_interval == 0):
-            save_state(args.work_dir, "last.pt", model, opt, done, vars(args),
-                       {"best_mIoU": best, "scaler": scaler.state_dict()})
+        evaluating = done % args.eval_interval == 0 or done == args.iters
+        book.step_end(done, model, opt, save=done % args.ckpt_interval == 0 or done == stop,
+                      evaluate=(lambda: run_eval(f"iter_{done}")) if evaluating else None,
+                      extra=lambda: {"scaler": scaler.state_dict()})
     bar.close()
-    if info.is_main and metrics is not None:
-        print(f"final mIoU {metrics['mIoU']:.2f} (best {best:.2f}); checkpoints in {args.work_dir}")
-    return metrics
+    book.finish()
+    return book.last_metrics
 
 
 

@@ -138,3 +138,21 @@ def seed_step(seed, it, rank):
     """Seeds torch's RNG for iteration ``it``: dropout / DropPath become a function of (seed, it, rank),
     so a resumed run draws exactly what the uninterrupted one would have."""
     torch.manual_seed((seed * 1_000_003 + it) * 64 + rank)
+
+
+def average_gradients(model):
+    """Averages the gradients over processes in place (no-op in one process). For losses that need
+    several forwards per step (teachers, mixing, auxiliary heads), where DistributedDataParallel's one
+    forward / one backward contract does not hold; parameters without a gradient are skipped on every
+    rank alike (the same code path runs everywhere)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if grads:
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat /= dist.get_world_size()
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()

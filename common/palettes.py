@@ -184,7 +184,9 @@ CLASSES = {
 
 # dataset names of common.seg_data -> palette names
 _ALIASES = {"voc_aug": "voc", "coco_stuff10k": "coco_stuff", "coco_stuff164k": "coco_stuff",
-            "pascal_context59": "pascal_context", "ade": "ade20k"}
+            "pascal_context59": "pascal_context", "ade": "ade20k", "gta5": "cityscapes", "synthia": "cityscapes",
+            "acdc_fog": "cityscapes", "acdc_night": "cityscapes", "acdc_rain": "cityscapes",
+            "acdc_snow": "cityscapes", "synthetic_target": "synthetic"}
 
 
 def get_palette(name, num_classes=None):

@@ -9,26 +9,12 @@ Faithful to mmsegmentation 1.x and the mmcv image ops beneath it:
   (10,582 images once ``tools/dataset_converters/voc_aug.py`` has run), val as ``voc``.
 - ``LoadAnnotations``: label PNGs read as raw indices (a 'P' PNG gives its palette indices);
   reduce_zero_label maps 0 -> 255, k -> k-1, 255 stays 255.
-- ``RandomResize(scale, ratio_range, keep_ratio=True)``: r ~ U(ratio_range), target (int(L*r), int(S*r)),
-  then mmcv ``imrescale``: factor = min(long/max(h, w), short/min(h, w)), size int(x*factor + 0.5);
-  image bilinear (cv2 INTER_LINEAR on uint8 = half-pixel bilinear, rounded back to uint8), label
-  nearest (cv2 INTER_NEAREST: source index floor(i * src/dst)).
-- ``RandomCrop(crop, cat_max_ratio=0.75)``: offsets uniform in [0, H-ch] x [0, W-cw] (crop clipped to
-  the image); a crop is re-drawn up to 10 times while its most frequent non-255 class covers >= 75 % of
-  the non-255 pixels or it holds fewer than two classes; after 10 failures the last drawn crop is kept.
-- ``RandomFlip(prob=0.5)``: horizontal, image and label together.
-- ``PhotoMetricDistortion``: on uint8, each step with p=0.5; brightness +U(-32, 32), contrast
-  xU(0.5, 1.5) either second (mode 1) or last (mode 0), saturation xU(0.5, 1.5) and hue +randint(-18, 18)
-  (upper bound excluded, as numpy's randint) in OpenCV's uint8 HSV (H in 0..179 = degrees / 2, S and V
-  in 0..255), every step truncated back to uint8 as mmseg's ``convert`` does. mmseg calls
-  ``cv2.cvtColor(BGR2HSV / HSV2BGR)`` on the uint8 image; ours re-implements OpenCV's uint8 formulas
-  (fixed-point RGB->HSV, float HSV->RGB, rounding to nearest) on RGB, which gives the same HSV values,
-  so the operation is mmseg's up to the channel order of the array.
-- ``SegDataPreProcessor``: RGB, (x - mean) / std, pad right/bottom to the crop with 0 (image, after
-  normalisation) and 255 (label).
-- test: ``Resize(scale, keep_ratio=True)`` bilinear, then optionally ViT-Adapter's
-  ``ResizeToMultiple(size_divisor)`` (mmcv ``imresize_to_multiple``: each side rounded up to a multiple,
-  bilinear, applied to the already resized image); the label stays at the original size.
+- domain adaptation (DAFormer's converters ``tools/convert_datasets/{gta,synthia,cityscapes}.py`` and
+  ATP's ``mmseg/datasets/acdc.py``): ``gta5`` labels are Cityscapes label ids, ``synthia`` labels
+  16-bit PNGs with the SYNTHIA class id in the R channel, ``acdc_<condition>`` labels ``*_gt_labelTrainIds.png``.
+  Every raw label is mapped to the 19 Cityscapes train ids when read, so the converters need not run;
+  their output (``*_labelTrainIds.png``) is read as it is when present.
+- transforms: see common/seg_transforms.py (re-exported here).
 
 Random numbers come from ``numpy.random.Generator`` objects given to the transforms, so a sample is a
 pure function of (index, sample_seed); the draws are the same kinds as mmseg's, not the same stream.
@@ -38,15 +24,16 @@ import math
 import os
 
 import numpy as np
+import png  # pypng: 16-bit RGB PNGs (SYNTHIA labels), which PIL reduces to 8 bits
 import torch
 from PIL import Image
 
 from .io import UserError
-
-MEAN = (123.675, 116.28, 103.53)  # RGB, 0..255
-STD = (58.395, 57.12, 57.375)
-IGNORE = 255
-
+from .seg_transforms import (IGNORE, MEAN, STD, TestTransform, TrainTransform, _pair,  # noqa: F401
+                             adjust_brightness, adjust_contrast, adjust_saturation, hsv_to_rgb_u8, normalize,
+                             photometric_distortion, rescale_size, resize_bilinear, resize_nearest, rgb_to_hsv_u8,
+                             shift_hue)
+from .seg_transforms import apply_transform
 
 # ----------------------------------------------------------------------------------------------------
 # the datasets as the official configs lay them out
@@ -54,6 +41,13 @@ IGNORE = 255
 # id -> trainId of cityscapesScripts' labels.py; every other id is ignored
 CITYSCAPES_ID_TO_TRAINID = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10,
                             24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
+
+# SYNTHIA class id (R channel of GT/LABELS/*.png) -> Cityscapes trainId, as DAFormer's / Uni-UVPT's
+# tools/convert_datasets/synthia.py (16, 18, 20 -> terrain, truck, train: listed there, absent in the data)
+SYNTHIA_ID_TO_TRAINID = {3: 0, 4: 1, 2: 2, 21: 3, 5: 4, 7: 5, 15: 6, 9: 7, 6: 8, 16: 9, 1: 10, 10: 11, 17: 12,
+                         8: 13, 18: 14, 19: 15, 20: 16, 12: 17, 11: 18}
+
+ACDC_CONDITIONS = ("fog", "night", "rain", "snow")
 
 # Each split is a list of parts (image folder, label folder, split file or None = every image in the
 # folder), relative to the dataset root; "train" of voc_aug has two parts, as mmseg concatenates them.
@@ -105,26 +99,51 @@ DATASETS = {
                     val=[("leftImg8bit/val", "gtFine/val", None)]),
         sizes=dict(train=2975, val=500), root_name="cityscapes",
         # without the converter's *_labelTrainIds.png, the raw *_labelIds.png are mapped on the fly
-        fallback=("_gtFine_labelIds.png", CITYSCAPES_ID_TO_TRAINID),
+        fallback=dict(suffix="_gtFine_labelIds.png", ids=CITYSCAPES_ID_TO_TRAINID, id_range=34),
         description="Cityscapes fine: 19 train ids, 255 = ignore"),
+    "gta5": dict(
+        num_classes=19, reduce_zero_label=False, palette="cityscapes", img_suffix=".png",
+        label_suffix="_labelTrainIds.png", splits=dict(train=[("images", "labels", None)]),
+        sizes=dict(train=24966), root_name="gta5",
+        # labels/*.png: 'P' PNGs of Cityscapes label ids; the converter maps every other value to 255
+        fallback=dict(suffix=".png", ids=CITYSCAPES_ID_TO_TRAINID, id_range=256),
+        description="GTA5 (Richter et al.): Cityscapes label ids -> 19 train ids, one split of all images"),
+    "synthia": dict(
+        num_classes=19, reduce_zero_label=False, palette="cityscapes", img_suffix=".png",
+        label_suffix="_labelTrainIds.png", splits=dict(train=[("RGB", "GT/LABELS", None)]),
+        sizes=dict(train=9400), root_name="RAND_CITYSCAPES",
+        fallback=dict(suffix=".png", ids=SYNTHIA_ID_TO_TRAINID, id_range=65536, png16=True),
+        description="SYNTHIA-RAND-CITYSCAPES: 16 of the 19 Cityscapes classes (no terrain, truck, train); "
+                    "report mIoU16 / mIoU13 (common.metrics.SYNTHIA16 / SYNTHIA13)"),
+    **{f"acdc_{c}": dict(
+        num_classes=19, reduce_zero_label=False, palette="cityscapes", img_suffix="_rgb_anon.png",
+        label_suffix="_gt_labelTrainIds.png",
+        splits={s: [(f"rgb_anon/{c}/{s}", f"gt/{c}/{s}", None)] for s in ("train", "val")},
+        sizes=dict(train=400, val=106 if c == "night" else 100), root_name="ACDC",
+        fallback=dict(suffix="_gt_labelIds.png", ids=CITYSCAPES_ID_TO_TRAINID, id_range=34),
+        description=f"ACDC {c}: Cityscapes train ids; each condition a target domain of its own")
+       for c in ACDC_CONDITIONS},
     "synthetic": dict(
         num_classes=6, reduce_zero_label=False, palette="synthetic", sizes=dict(train=64, val=16),
         description="SyntheticSeg: textured shapes on a textured background, generated on the fly"),
 }
 
 
-def build_dataset(name, root, split, transform, num_samples=None):
-    """The dataset ``name`` (a key of DATASETS) at ``root`` for split 'train' or 'val'. ``num_samples``
-    keeps the first n samples (quick runs); for 'synthetic' it is the number generated."""
+def build_dataset(name, root, split, transform, num_samples=None, with_labels=True):
+    """The dataset ``name`` (a key of DATASETS) at ``root`` for ``split`` (a key of its "splits":
+    'train' and 'val', or 'train' only for gta5 / synthia). ``num_samples`` keeps the first n samples
+    (quick runs); for 'synthetic' it is the number generated. ``with_labels=False`` neither needs nor
+    opens a label file: each label is all 255 (ignored) at the image size, ``items`` hold None."""
     if name not in DATASETS:
         raise UserError(f"--dataset {name!r} is not known; expected one of {', '.join(DATASETS)}")
-    if split not in ("train", "val"):
-        raise UserError(f"split {split!r} of dataset {name!r}: expected 'train' or 'val'")
     spec = DATASETS[name]
+    splits = spec.get("splits", spec["sizes"])
+    if split not in splits:
+        raise UserError(f"split {split!r} of dataset {name!r}: expected {' or '.join(map(repr, splits))}")
     if name == "synthetic":
         n = num_samples or spec["sizes"][split]
-        return SyntheticSeg(n, spec["num_classes"], split=split, transform=transform)
-    items = _list_items(name, root, split)
+        return SyntheticSeg(n, spec["num_classes"], split=split, transform=transform, with_labels=with_labels)
+    items = _list_items(name, root, split, with_labels)
     if num_samples:
         items = items[:num_samples]
     return SegDataset(items, spec["num_classes"], spec["reduce_zero_label"], transform, name=name,
@@ -132,14 +151,15 @@ def build_dataset(name, root, split, transform, num_samples=None):
 
 
 def _label_maps(spec):
-    """{label suffix: id -> class lookup table} for labels that need mapping when read."""
+    """{label suffix: None (read as it is) or dict(lut=id -> class table, png16=bool)}; a label file
+    takes the rule of the longest suffix it ends with, so '_labelTrainIds.png' wins over '.png'."""
     if "fallback" not in spec:
         return {}
-    suffix, mapping = spec["fallback"]
-    lut = np.full(max(mapping) + 1, IGNORE, dtype=np.int64)  # ids past the table cannot occur
-    for k, v in mapping.items():
+    fb = spec["fallback"]
+    lut = np.full(fb["id_range"], IGNORE, dtype=np.int64)  # ids past the range are an error
+    for k, v in fb["ids"].items():
         lut[k] = v
-    return {suffix: lut}
+    return {spec["label_suffix"]: None, fb["suffix"]: dict(lut=lut, png16=fb.get("png16", False))}
 
 
 def _expected_layout(name):
@@ -157,21 +177,21 @@ def _files_under(folder, suffix):
     return sorted(out)
 
 
-def _list_items(name, root, split):
+def _list_items(name, root, split, with_labels=True):
     spec = DATASETS[name]
     if root is None or not os.path.isdir(root):
         raise UserError(f"--data-root {root} for dataset '{name}' is not a folder; expected "
                         f"{_expected_layout(name)}")
-    fallback = spec.get("fallback", (None, None))[0]
+    fallback = spec["fallback"]["suffix"] if "fallback" in spec else None
     items = []
     for img_dir, label_dir, list_file in spec["splits"][split]:
-        for sub in (img_dir, label_dir):
+        for sub in (img_dir, label_dir) if with_labels else (img_dir,):
             if not os.path.isdir(os.path.join(root, sub)):
                 raise UserError(f"dataset '{name}': folder {os.path.join(root, sub)} not found; expected "
                                 f"{_expected_layout(name)} (is --data-root the {spec['root_name']} folder?)")
         img_dir, label_dir = os.path.join(root, img_dir), os.path.join(root, label_dir)
         images = _files_under(img_dir, spec["img_suffix"])
-        labels = set(_files_under(label_dir, ".png"))
+        labels = set(_files_under(label_dir, ".png")) if with_labels else set()
         if list_file is None:
             stems = [f[:-len(spec["img_suffix"])] for f in images]
             if not stems:
@@ -191,6 +211,9 @@ def _list_items(name, root, split):
                     raise UserError(f"dataset '{name}': image {os.path.join(img_dir, s + spec['img_suffix'])}"
                                     f" listed in {path} not found")
         for s in stems:
+            if not with_labels:
+                items.append((os.path.join(img_dir, s + spec["img_suffix"]), None))
+                continue
             label = s + spec["label_suffix"]
             if label not in labels:
                 if fallback and s + fallback in labels:
@@ -218,11 +241,40 @@ def imread(path):
                         "expected a JPEG or PNG") from None
 
 
-def read_label(path, num_classes, reduce_zero_label, ignore_index=255, label_map=None):
+def read_png16_first_channel(path):
+    """(H, W) int64: the first channel of a 16-bit PNG (SYNTHIA's GT/LABELS: class id in R, instance id
+    in G), read exactly with pypng. The official converters read it with cv2 IMREAD_UNCHANGED and take
+    channel -1 of BGR, i.e. R."""
+    try:
+        w, h, rows, info = png.Reader(filename=path).read()
+        if info["bitdepth"] != 16:
+            kind = "palette" if info.get("palette") else f"{info['planes']}-channel"
+            raise UserError(f"label {path} is a {info['bitdepth']}-bit {kind} PNG; expected a 16-bit PNG with "
+                            "the SYNTHIA class id in its first (R) channel, as SYNTHIA's GT/LABELS (or the "
+                            "converted *_labelTrainIds.png beside it)")
+        raw = np.vstack([np.asarray(r, dtype=np.uint16) for r in rows]).reshape(h, w, info["planes"])
+    except UserError:
+        raise
+    except FileNotFoundError:
+        raise UserError(f"label {path} not found") from None
+    except Exception as e:  # png.FormatError / ChunkError / ProtocolError
+        raise UserError(f"label {path} is not a readable PNG ({type(e).__name__}: {e})") from None
+    return raw[..., 0].astype(np.int64)
+
+
+def read_label(path, num_classes, reduce_zero_label, ignore_index=255, label_map=None, png16=False):
     """Class indices of a label PNG, (H, W) uint8 (int64 if num_classes > 255): the raw values of a
-    greyscale PNG or the palette indices of a 'P' PNG. ``label_map`` (a lookup table) maps raw ids to
-    classes first (ids past its end are an error); then reduce_zero_label: 0 -> 255, k -> k-1.
-    Every value must end in [0, num_classes) or be ``ignore_index``."""
+    greyscale PNG or the palette indices of a 'P' PNG (``png16``: the first channel of a 16-bit PNG).
+    ``label_map`` (a lookup table) maps raw ids to classes first (ids past its end are an error); then
+    reduce_zero_label: 0 -> 255, k -> k-1. Every value must end in [0, num_classes) or be ``ignore_index``."""
+    if png16:
+        raw = read_png16_first_channel(path)
+    else:
+        raw = _read_index_png(path)
+    return _to_classes(raw, path, num_classes, reduce_zero_label, ignore_index, label_map)
+
+
+def _read_index_png(path):
     try:
         with Image.open(path) as im:
             if im.mode not in ("P", "L", "I", "I;16", "I;16B", "1"):
@@ -235,7 +287,10 @@ def read_label(path, num_classes, reduce_zero_label, ignore_index=255, label_map
         raise UserError(f"label {path} not found") from None
     except Exception as e:
         raise UserError(f"label {path} is not a readable PNG ({type(e).__name__}: {e})") from None
-    raw = raw.astype(np.int64)
+    return raw.astype(np.int64)
+
+
+def _to_classes(raw, path, num_classes, reduce_zero_label, ignore_index, label_map):
     if label_map is not None:
         bad = (raw < 0) | (raw >= len(label_map))
         if bad.any():
@@ -255,252 +310,6 @@ def read_label(path, num_classes, reduce_zero_label, ignore_index=255, label_map
     return lab.astype(np.uint8 if num_classes <= 255 else np.int64)
 
 
-# ----------------------------------------------------------------------------------------------------
-# geometry (mmcv imrescale / imresize with cv2 semantics)
-
-def rescale_size(h, w, scale):
-    """mmcv rescale_size with a (long, short) bound: the largest factor with long side <= max(scale) and
-    short side <= min(scale); sides int(x * f + 0.5). Returns (new_h, new_w)."""
-    f = min(max(scale) / max(h, w), min(scale) / min(h, w))
-    return int(h * f + 0.5), int(w * f + 0.5)
-
-
-def _linear_taps(n_in, n_out, start, stop):
-    """cv2 INTER_LINEAR along one axis for outputs start..stop-1: source x = (i + 0.5) * in/out - 0.5,
-    clamped to the first / last pixel; returns the two source indices and the weight of the second."""
-    src = (np.arange(start, stop) + 0.5) * (n_in / n_out) - 0.5
-    src = np.clip(src, 0, n_in - 1)
-    i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
-    return i0, np.minimum(i0 + 1, n_in - 1), (src - i0).astype(np.float32)
-
-
-def resize_bilinear(img, size, box=None):
-    """(H, W, C) uint8 -> (h, w, C) uint8: half-pixel bilinear without antialiasing, rounded to nearest,
-    as cv2 INTER_LINEAR. ``box`` = (y0, y1, x0, x1) computes only that window of the resized image (the
-    same values as resizing everything and cropping, at the cost of the window)."""
-    h, w = size
-    y0, y1, x0, x1 = box if box is not None else (0, h, 0, w)
-    if img.shape[:2] == (h, w):
-        return img[y0:y1, x0:x1]
-    r0, r1, fy = _linear_taps(img.shape[0], h, y0, min(y1, h))
-    c0, c1, fx = _linear_taps(img.shape[1], w, x0, min(x1, w))
-    rows = (img[r0].astype(np.float32) * (1 - fy)[:, None, None]
-            + img[r1].astype(np.float32) * fy[:, None, None])                        # (h', W, C)
-    out = rows[:, c0] * (1 - fx)[None, :, None] + rows[:, c1] * fx[None, :, None]    # (h', w', C)
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
-
-
-def _nearest_taps(n_in, n_out, start, stop):
-    # cv2 INTER_NEAREST: floor(i * (1 / (out / in))), in double precision as OpenCV computes it
-    return np.minimum(np.floor(np.arange(start, stop) * (1.0 / (n_out / n_in))).astype(np.int64), n_in - 1)
-
-
-def resize_nearest(label, size, box=None):
-    """(H, W) -> (h, w) with source index floor(i * src/dst), as cv2 INTER_NEAREST; ``box`` as above."""
-    h, w = size
-    y0, y1, x0, x1 = box if box is not None else (0, h, 0, w)
-    if label.shape[:2] == (h, w):
-        return label[y0:y1, x0:x1]
-    ys = _nearest_taps(label.shape[0], h, y0, min(y1, h))
-    xs = _nearest_taps(label.shape[1], w, x0, min(x1, w))
-    return label[ys[:, None], xs[None, :]]
-
-
-# ----------------------------------------------------------------------------------------------------
-# photometric distortion (uint8 in, uint8 out, as mmseg)
-
-def _convert(img, alpha=1.0, beta=0.0):
-    """mmseg's PhotoMetricDistortion.convert: float32 x * alpha + beta, clipped, truncated to uint8."""
-    out = img.astype(np.float32) * np.float32(alpha) + np.float32(beta)
-    return np.clip(out, 0, 255).astype(np.uint8)
-
-
-def adjust_brightness(img, beta):
-    return _convert(img, beta=beta)
-
-
-def adjust_contrast(img, alpha):
-    return _convert(img, alpha=alpha)
-
-
-_HSV_SHIFT = 12
-# OpenCV's uint8 RGB2HSV tables: round(255 * 2^12 / v) and round(180 * 2^12 / (6 * diff)); index 0 -> 0
-_SDIV = np.concatenate([[0], np.rint((255 << _HSV_SHIFT) / np.arange(1, 256))]).astype(np.int32)
-_HDIV = np.concatenate([[0], np.rint((180 << _HSV_SHIFT) / (6.0 * np.arange(1, 256)))]).astype(np.int32)
-
-
-def rgb_to_hsv_u8(img):
-    """(H, W, 3) uint8 RGB -> uint8 HSV as cv2.cvtColor(COLOR_RGB2HSV): H in 0..179 (degrees / 2),
-    S = 255 * (max - min) / max, V = max, in OpenCV's 12-bit fixed point."""
-    rgb = img.astype(np.int32)  # products stay below 2^31: 255 * (255 << 12)
-    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
-    v = rgb.max(axis=-1)
-    diff = v - rgb.min(axis=-1)
-    half = 1 << (_HSV_SHIFT - 1)
-    s = (diff * _SDIV[v] + half) >> _HSV_SHIFT
-    h = np.where(v == r, g - b, np.where(v == g, b - r + 2 * diff, r - g + 4 * diff))
-    h = (h * _HDIV[diff] + half) >> _HSV_SHIFT  # arithmetic shift: floor, as in C++ on ints
-    h = np.where(h < 0, h + 180, h)
-    return np.stack([h, s, v], axis=-1).astype(np.uint8)
-
-
-# sector 0..5 of the hue circle (red->yellow, yellow->green, ...) -> which of (v, p, q, t) is r, g, b
-_SECTOR_RGB = np.array([[0, 3, 1], [2, 0, 1], [1, 0, 3], [1, 2, 0], [3, 1, 0], [0, 1, 2]])
-
-
-def hsv_to_rgb_u8(hsv):
-    """uint8 HSV (H in 0..179) -> (H, W, 3) uint8 RGB as cv2.cvtColor(COLOR_HSV2RGB): float32 sector
-    formula, each channel rounded to nearest."""
-    h = hsv[..., 0].astype(np.float32) * np.float32(6.0 / 180.0)
-    s = hsv[..., 1].astype(np.float32) * np.float32(1.0 / 255.0)
-    v = hsv[..., 2].astype(np.float32) * np.float32(1.0 / 255.0)
-    h = np.fmod(h, np.float32(6.0))
-    h = np.where(h < 0, h + np.float32(6.0), h)
-    floor = np.floor(h)  # float32, so that f stays in float32 as in OpenCV
-    f = np.where(floor >= 6, np.float32(0.0), h - floor)
-    sector = np.where(floor >= 6, 0, floor.astype(np.int64))
-    one = np.float32(1.0)
-    # OpenCV's table: tab = (v, p, q, t); per sector the (r, g, b) entries of it
-    tab = np.stack([v, v * (one - s), v * (one - s * f), v * (one - s * (one - f))])  # (4, H, W)
-    rgb = np.take_along_axis(tab, _SECTOR_RGB[sector].transpose(2, 0, 1), axis=0)    # (3, H, W)
-    rgb = np.where(s == 0, v, rgb).transpose(1, 2, 0)                                 # (H, W, 3)
-    return np.clip(np.rint(rgb * np.float32(255.0)), 0, 255).astype(np.uint8)
-
-
-def adjust_saturation(img, alpha):
-    hsv = rgb_to_hsv_u8(img)
-    hsv[..., 1] = _convert(hsv[..., 1], alpha=alpha)
-    return hsv_to_rgb_u8(hsv)
-
-
-def shift_hue(img, delta):
-    """Adds ``delta`` in OpenCV units (2 degrees each) to the hue, modulo 180."""
-    hsv = rgb_to_hsv_u8(img)
-    hsv[..., 0] = (hsv[..., 0].astype(np.int32) + delta) % 180
-    return hsv_to_rgb_u8(hsv)
-
-
-def photometric_distortion(img, rng, brightness_delta=32, contrast_range=(0.5, 1.5),
-                           saturation_range=(0.5, 1.5), hue_delta=18):
-    """mmseg PhotoMetricDistortion on a uint8 RGB image, with mmseg's order and probabilities."""
-    if rng.integers(2):
-        img = adjust_brightness(img, rng.uniform(-brightness_delta, brightness_delta))
-    mode = rng.integers(2)  # 1: contrast second, 0: contrast last
-    if mode == 1 and rng.integers(2):
-        img = adjust_contrast(img, rng.uniform(*contrast_range))
-    if rng.integers(2):
-        img = adjust_saturation(img, rng.uniform(*saturation_range))
-    if rng.integers(2):
-        img = shift_hue(img, int(rng.integers(-hue_delta, hue_delta)))
-    if mode == 0 and rng.integers(2):
-        img = adjust_contrast(img, rng.uniform(*contrast_range))
-    return img
-
-
-# ----------------------------------------------------------------------------------------------------
-# pipelines
-
-def normalize(img, mean=MEAN, std=STD):
-    """(H, W, 3) uint8 RGB -> (3, H, W) float32 tensor, (x - mean) / std."""
-    x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float()  # (H, W, 3) -> (3, H, W)
-    m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-    return (x - m) / s
-
-
-def _pair(x):
-    return (x, x) if isinstance(x, int) else tuple(x)
-
-
-class TrainTransform:
-    """mmseg's train pipeline after loading: RandomResize -> RandomCrop(cat_max_ratio) -> RandomFlip ->
-    PhotoMetricDistortion -> normalise -> pad to the crop. ``crop`` is (h, w); ``scale`` is the
-    (long, short) bound of mmseg's img_scale; ``ratio_range=None`` resizes to ``scale`` exactly (keep
-    ratio), as configs without a ratio range do; ``cat_max_ratio=1`` disables the crop check."""
-
-    def __init__(self, scale=(2048, 512), crop=(640, 640), ratio_range=(0.5, 2.0), cat_max_ratio=0.75,
-                 flip_prob=0.5, photometric=True, mean=MEAN, std=STD):
-        self.scale, self.crop = tuple(scale), _pair(crop)
-        self.ratio_range = tuple(ratio_range) if ratio_range is not None else None
-        self.cat_max_ratio, self.flip_prob, self.photometric = cat_max_ratio, flip_prob, photometric
-        self.mean, self.std = mean, std
-
-    def resize_size(self, h, w, ratio):
-        """Image size after RandomResize with the drawn ratio (mmcv: int() of the scaled bound)."""
-        scale = (int(self.scale[0] * ratio), int(self.scale[1] * ratio))
-        return rescale_size(h, w, scale)
-
-    def _crop_box(self, h, w, rng):
-        ch, cw = self.crop
-        y = int(rng.integers(0, max(h - ch, 0) + 1))
-        x = int(rng.integers(0, max(w - cw, 0) + 1))
-        return y, y + ch, x, x + cw
-
-    def _crop_ok(self, label):
-        counts = np.bincount(label.ravel(), minlength=IGNORE + 1)
-        counts[IGNORE] = 0
-        counts = counts[counts > 0]
-        return len(counts) > 1 and counts.max() / counts.sum() < self.cat_max_ratio
-
-    def __call__(self, img, label, rng):
-        # RandomResize
-        h, w = img.shape[:2]
-        if self.ratio_range is not None:
-            lo, hi = self.ratio_range
-            ratio = rng.random() * (hi - lo) + lo
-        else:
-            ratio = 1.0
-        size = self.resize_size(h, w, ratio)
-        # RandomCrop with cat_max_ratio: first box, then up to 10 checks, each failure draws a new box.
-        # Only the crop window of the resized image / label is computed: same values, less work.
-        box = self._crop_box(*size, rng)
-        if self.cat_max_ratio < 1.0:
-            for _ in range(10):
-                if self._crop_ok(resize_nearest(label, size, box)):
-                    break
-                box = self._crop_box(*size, rng)
-        img, label = resize_bilinear(img, size, box), resize_nearest(label, size, box)
-        # RandomFlip
-        if rng.random() < self.flip_prob:
-            img, label = img[:, ::-1], label[:, ::-1]
-        if self.photometric:
-            img = photometric_distortion(img, rng)
-        # normalise, then pad right/bottom to the crop (image 0 after normalisation, label 255)
-        x = normalize(img, self.mean, self.std)
-        ch, cw = self.crop
-        out_img = torch.zeros(3, ch, cw)
-        out_label = torch.full((ch, cw), IGNORE, dtype=torch.long)
-        out_img[:, :x.shape[1], :x.shape[2]] = x
-        out_label[:label.shape[0], :label.shape[1]] = torch.from_numpy(np.ascontiguousarray(label)).long()
-        return out_img, out_label
-
-
-class TestTransform:
-    """mmseg's test pipeline: keep-ratio resize into ``scale`` (long, short), optionally ViT-Adapter's
-    ResizeToMultiple(size_divisor), normalise. The label stays at the original size (metrics are
-    computed there). ``scale=None`` keeps the image size."""
-    __test__ = False  # not a pytest test class, despite the name
-
-    def __init__(self, scale=(2048, 512), size_divisor=None, mean=MEAN, std=STD):
-        self.scale = tuple(scale) if scale is not None else None
-        self.size_divisor, self.mean, self.std = size_divisor, mean, std
-
-    def output_size(self, h, w):
-        if self.scale is not None:
-            h, w = rescale_size(h, w, self.scale)
-        if self.size_divisor:
-            d = self.size_divisor
-            h, w = math.ceil(h / d) * d, math.ceil(w / d) * d
-        return h, w
-
-    def __call__(self, img, label, rng=None):
-        if self.scale is not None:
-            img = resize_bilinear(img, rescale_size(*img.shape[:2], self.scale))
-        if self.size_divisor:  # ResizeToMultiple works on the resized image: a second resize
-            d = self.size_divisor
-            img = resize_bilinear(img, tuple(math.ceil(s / d) * d for s in img.shape[:2]))
-        return normalize(img, self.mean, self.std), torch.from_numpy(np.ascontiguousarray(label)).long()
-
 
 def _split_key(key):
     """dataset[i] or dataset[(i, sample_seed)] (common.dist.InfiniteSampler) -> (i, numpy Generator)."""
@@ -514,12 +323,13 @@ def _split_key(key):
 # datasets
 
 class SegDataset(torch.utils.data.Dataset):
-    """(image, label) files -> dict(img (3, H, W) float, label (H, W) long, name, ori_size (H0, W0))."""
+    """(image, label or None) files -> dict(img (3, H, W) float, label (H, W) long, name, ori_size (H0, W0),
+    meta): ``meta`` is the transform's geometry (see TrainTransform); a None label is all 255."""
 
     def __init__(self, items, num_classes, reduce_zero_label, transform=None, name="custom", label_maps=None):
         self.items, self.num_classes, self.reduce_zero_label = list(items), num_classes, reduce_zero_label
         self.transform, self.name = transform, name
-        self.label_maps = label_maps or {}  # label suffix -> lookup table (cityscapes labelIds)
+        self.label_maps = label_maps or {}  # label suffix -> None or dict(lut, png16), see _label_maps
 
     def __len__(self):
         return len(self.items)
@@ -528,8 +338,12 @@ class SegDataset(torch.utils.data.Dataset):
         """The decoded (image uint8 RGB, label) pair before any transform."""
         img_path, label_path = self.items[index]
         img = imread(img_path)
-        lut = next((t for suf, t in self.label_maps.items() if label_path.endswith(suf)), None)
-        label = read_label(label_path, self.num_classes, self.reduce_zero_label, label_map=lut)
+        if label_path is None:  # with_labels=False: nothing to read, everything ignored
+            return img, np.full(img.shape[:2], IGNORE, dtype=np.uint8)
+        suffix = max((s for s in self.label_maps if label_path.endswith(s)), key=len, default=None)
+        rule = self.label_maps.get(suffix) or {}
+        label = read_label(label_path, self.num_classes, self.reduce_zero_label, label_map=rule.get("lut"),
+                           png16=rule.get("png16", False))
         if label.shape != img.shape[:2]:
             raise UserError(f"label {label_path} is {label.shape[0]}x{label.shape[1]} but its image {img_path} "
                             f"is {img.shape[0]}x{img.shape[1]}; expected the same size")
@@ -539,14 +353,13 @@ class SegDataset(torch.utils.data.Dataset):
         index, rng = _split_key(key)
         img, label = self.load(index)
         ori = img.shape[:2]
-        tf = self.transform or TestTransform(scale=None)
-        x, y = tf(img, label, rng)
+        x, y, meta = apply_transform(self.transform or TestTransform(scale=None), img, label, rng)
         name = os.path.splitext(os.path.basename(self.items[index][0]))[0]
-        return dict(img=x, label=y, name=name, ori_size=tuple(ori))
+        return dict(img=x, label=y, name=name, ori_size=tuple(ori), meta=meta)
 
 
 def collate_eval(batch):
-    """Test samples of different sizes: a dict of lists (img, label, name, ori_size) instead of stacks."""
+    """Test samples of different sizes: a dict of lists (img, label, name, ori_size, meta) instead of stacks."""
     return {k: [s[k] for s in batch] for k in batch[0]}
 
 
@@ -616,16 +429,25 @@ class SyntheticSeg(torch.utils.data.Dataset):
     class colour that it shares with one other class; colours get per-object jitter and per-pixel noise.
     1-4 objects per image at random places, sizes and angles (later ones occlude earlier ones); the first
     object of sample i is class 1 + i % (K-1), so every class shows up in any K-1 consecutive samples.
-    Samples go through ``transform`` like SegDataset's; ``key`` may be (index, sample_seed)."""
+    Samples go through ``transform`` like SegDataset's; ``key`` may be (index, sample_seed).
 
-    def __init__(self, num_samples=64, num_classes=6, size=(128, 128), split="train", transform=None, seed=0):
+    ``domain="target"`` is a shifted domain for source-free adaptation: the same classes, shapes,
+    textures and layout statistics (other draws: sample i is not the source's sample i), seen through
+    another camera: colours rotated about the grey axis, lower contrast, a blur that softens the
+    textures, stronger noise (see ``TARGET_SHIFT``). ``with_labels=False`` gives all-255 labels."""
+
+    def __init__(self, num_samples=64, num_classes=6, size=(128, 128), split="train", transform=None, seed=0,
+                 domain="source", with_labels=True):
         if num_classes < 2:
             raise UserError(f"SyntheticSeg needs num_classes >= 2 (background + one shape), got {num_classes}")
         if split not in ("train", "val"):
             raise UserError(f"SyntheticSeg split {split!r}: expected 'train' or 'val'")
+        if domain not in ("source", "target"):
+            raise UserError(f"SyntheticSeg domain {domain!r}: expected 'source' or 'target'")
         self.num_samples, self.num_classes, self.size = num_samples, num_classes, _pair(size)
         self.split, self.transform, self.seed = split, transform, seed
-        self.name, self.reduce_zero_label = "synthetic", False
+        self.domain, self.with_labels = domain, with_labels
+        self.name, self.reduce_zero_label = "synthetic" if domain == "source" else "synthetic_target", False
         self.classes = ["background"] + [SHAPES[(k - 1) % len(SHAPES)] + (f" {(k - 1) // len(SHAPES) + 1}"
                                          if k > len(SHAPES) else "") for k in range(1, num_classes)]
 
@@ -634,7 +456,8 @@ class SyntheticSeg(torch.utils.data.Dataset):
 
     def generate(self, index):
         """(image uint8 (H, W, 3) RGB, label uint8 (H, W)) of sample ``index``."""
-        rng = np.random.default_rng([self.seed, 0 if self.split == "train" else 1, index])
+        key = [self.seed, 0 if self.split == "train" else 1, index]
+        rng = np.random.default_rng(key if self.domain == "source" else key + [1])
         H, W = self.size
         yy, xx = np.mgrid[0:H, 0:W].astype(float)
         # background: random colour, two smooth waves, noise
@@ -654,6 +477,8 @@ class SyntheticSeg(torch.utils.data.Dataset):
             obj = colour + 45.0 * (pattern[..., None] - 0.5) * 2 * rng.uniform(0.7, 1.0)
             img = np.where(mask[..., None], obj, img)
             label[mask] = k
+        if self.domain == "target":
+            return _target_camera(img, rng), label
         img = img + rng.normal(0, 8, size=img.shape)
         return np.clip(np.rint(img), 0, 255).astype(np.uint8), label
 
@@ -666,6 +491,40 @@ class SyntheticSeg(torch.utils.data.Dataset):
         if not 0 <= index < self.num_samples:
             raise IndexError(f"SyntheticSeg index {index} out of range [0, {self.num_samples})")
         img, label = self.generate(index)
-        tf = self.transform or TestTransform(scale=None)
-        x, y = tf(img, label, rng)
-        return dict(img=x, label=y, name=f"synthetic_{self.split}_{index:06d}", ori_size=self.size)
+        if not self.with_labels:
+            label = np.full(label.shape, IGNORE, dtype=np.uint8)
+        x, y, meta = apply_transform(self.transform or TestTransform(scale=None), img, label, rng)
+        return dict(img=x, label=y, name=f"{self.name}_{self.split}_{index:06d}", ori_size=self.size, meta=meta)
+
+
+# the target camera of SyntheticSeg(domain="target"); per image, each value is jittered a little
+TARGET_SHIFT = dict(hue_degrees=60.0, contrast=0.6, brightness=10.0, blur_sigma=1.0, noise=14.0)
+
+
+def _hue_rotation(degrees):
+    """(3, 3) RGB matrix rotating colours about the grey axis (1, 1, 1) by ``degrees`` (Rodrigues)."""
+    a = math.radians(degrees)
+    u = np.full(3, 1 / math.sqrt(3))
+    cross = np.array([[0, -u[2], u[1]], [u[2], 0, -u[0]], [-u[1], u[0], 0]])
+    return math.cos(a) * np.eye(3) + math.sin(a) * cross + (1 - math.cos(a)) * np.outer(u, u)
+
+
+def _gaussian_blur(img, sigma):
+    """Separable Gaussian blur of (H, W, C) float, radius 3 sigma, borders replicated."""
+    r = max(1, int(math.ceil(3 * sigma)))
+    k = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
+    k /= k.sum()
+    pad = np.pad(img, ((r, r), (r, r), (0, 0)), mode="edge")
+    rows = sum(w * pad[i:i + img.shape[0]] for i, w in enumerate(k))            # (H, W + 2r, C)
+    return sum(w * rows[:, i:i + img.shape[1]] for i, w in enumerate(k))        # (H, W, C)
+
+
+def _target_camera(img, rng):
+    """The target domain's look of a clean (H, W, 3) float RGB image -> uint8."""
+    s = TARGET_SHIFT
+    j = rng.uniform(0.85, 1.15, size=4)  # per-image jitter of the camera
+    img = img @ _hue_rotation(s["hue_degrees"] * j[0]).T
+    img = (img - 128.0) * s["contrast"] * j[1] + 128.0 + s["brightness"] * j[2]
+    img = _gaussian_blur(img, s["blur_sigma"] * j[3])
+    img = img + rng.normal(0, s["noise"], size=img.shape)
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8)

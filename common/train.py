@@ -156,3 +156,86 @@ def resume_state(work_dir, model, optimizer=None):
     if optimizer is not None and "optimizer" in ck:
         optimizer.load_state_dict(ck["optimizer"])
     return ck
+
+
+# ----------------------------------------------------------------------------------------------------
+# the bookkeeping around an iteration-based training loop (the loop itself stays in each script)
+
+class RunBook:
+    """What every segmentation script does around its loop, written once: refuse to overwrite a run in
+    ``--work-dir``, resume from ``last.pt``, log JSON lines, write ``last.pt`` (before evaluating, so an
+    evaluation that fails loses no training) and keep ``best.pt`` by the evaluation metric.
+
+        book = RunBook(args, info)                  # args: work_dir, resume
+        ck = book.resume(model, opt)                # None for a new run; book.start is the first iteration
+        for it in range(book.start, stop):
+            ...                                     # forward, the paper's loss, step
+            book.step_end(it + 1, model, opt, save=..., evaluate=run_eval if due else None, extra=...)
+        book.finish()
+
+    Only rank 0 writes; every rank must call step_end with the same ``evaluate`` (evaluation is
+    collective). ``extra`` (a dict or a callable returning one) is stored in last.pt beside the model
+    and optimizer, e.g. an EMA teacher or the state of a pseudo-label hook.
+    """
+
+    def __init__(self, args, info, metric="mIoU"):
+        self.args, self.info, self.metric = args, info, metric
+        self.work_dir = args.work_dir
+        self.start, self.best, self.last_metrics = 0, -1.0, None
+        if not getattr(args, "resume", False):
+            for f in ("last.pt", "best.pt"):
+                if os.path.exists(os.path.join(self.work_dir, f)):
+                    raise UserError(f"{os.path.join(self.work_dir, f)} exists: pass --resume to continue that "
+                                    "run, or choose another --work-dir (a new run would overwrite it)")
+        if info.is_main:
+            os.makedirs(self.work_dir, exist_ok=True)
+        from .io import JsonLog
+        self.log = JsonLog(os.path.join(self.work_dir, "log.jsonl") if info.is_main else None)
+
+    def resume(self, model, optimizer=None):
+        """Loads last.pt into model / optimizer when --resume; returns the checkpoint dict (or None)."""
+        if not getattr(self.args, "resume", False):
+            return None
+        ck = resume_state(self.work_dir, model, optimizer)
+        self.start = ck["iter"]
+        self.best = ck.get("best_metric", ck.get("best_mIoU", -1.0))
+        # last.pt is written before each evaluation, so best.pt may hold a newer best than last.pt knows
+        best_path = os.path.join(self.work_dir, "best.pt")
+        if os.path.isfile(best_path):
+            b = load_checkpoint(best_path, "best checkpoint")
+            self.best = max(self.best, float(b.get(self.metric, b.get("mIoU", -1.0))))
+        return ck
+
+    def step_end(self, done, model, optimizer, save=False, evaluate=None, extra=None):
+        """After iteration ``done`` (1-based count): writes last.pt if ``save`` or an evaluation is due,
+        then runs ``evaluate() -> metrics dict`` if given, logs it and updates best.pt. Returns the
+        metrics or None."""
+        if save or evaluate is not None:
+            if self.info.is_main:
+                ex = extra() if callable(extra) else dict(extra or {})
+                ex["best_metric"] = self.best
+                save_state(self.work_dir, "last.pt", model, optimizer, done, vars(self.args), ex)
+        if evaluate is None:
+            return None
+        metrics = evaluate()
+        self.last_metrics = metrics
+        if self.info.is_main:
+            scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+            self.log(iter=done, **scalars)
+            from tqdm import tqdm
+            tqdm.write(f"iter {done}: " + "  ".join(f"{k} {v:.2f}" for k, v in scalars.items()))
+            if metrics[self.metric] > self.best:
+                self.best = metrics[self.metric]
+                save_state(self.work_dir, "best.pt", model, None, done, vars(self.args), {self.metric: self.best})
+        self.best = broadcast_best(self.best)
+        return metrics
+
+    def finish(self):
+        if self.info.is_main and self.last_metrics is not None:
+            print(f"final {self.metric} {self.last_metrics[self.metric]:.2f} (best {self.best:.2f}); "
+                  f"checkpoints in {self.work_dir}")
+
+
+def broadcast_best(value):
+    from .dist import broadcast_object
+    return broadcast_object(value)

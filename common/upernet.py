@@ -20,9 +20,10 @@ import torch.nn.functional as F
 class ConvModule(nn.Module):
     """mmcv ConvModule(conv_cfg=None, norm_cfg=BN, act_cfg=ReLU): conv without bias, BN, ReLU."""
 
-    def __init__(self, cin, cout, kernel_size, padding=0):
+    def __init__(self, cin, cout, kernel_size=1, padding=0, dilation=1, groups=1):
         super().__init__()
-        self.conv = nn.Conv2d(cin, cout, kernel_size, padding=padding, bias=False)
+        self.conv = nn.Conv2d(cin, cout, kernel_size, padding=padding, dilation=dilation, groups=groups,
+                              bias=False)
         self.bn = nn.BatchNorm2d(cout)
         self.activate = nn.ReLU(inplace=True)
         nn.init.kaiming_normal_(self.conv.weight, mode="fan_out", nonlinearity="relu")
