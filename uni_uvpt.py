@@ -7,19 +7,173 @@ Segmentation". Official code: github.com/huawei-noah/noah-research, folder uni-u
 `core/hook/online_pseudo_update_hook.py`, `configs/**`, `launcher_*.py`. Spec: shared/papers/uni_uvpt.md,
 corrected by shared/papers/audit_atp_uni_uvpt.md (section B).
 """
+import argparse
+import json
 import math
+import os
+import re
+import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
 
-from common.io import UserError
-from common.swin import DropPath, SwinTransformer
+from common import dist as D
+from common.daformer import DAFormerHead
+from common.io import UserError, cli, load_checkpoint, load_state_dict_checked, unwrap_state_dict
+from common.metrics import SegMetric
+from common.mit import MIT_SIZES, MixVisionTransformer, load_mit_pretrained
+from common.palettes import get_palette
+from common.seg_data import (DATASETS, SegDataset, SyntheticSeg, TestTransform, TrainTransform, apply_transform,
+                             build_dataset, read_label, resize_nearest)
+from common.segment import EncoderDecoder, collate_single, evaluate, overlay_writer, predict
+from common.swin import SWIN_SIZES, DropPath, SwinTransformer, load_swin_pretrained
+from common.train import (RunBook, count_params, freeze_all_but, init_lr, set_lr, summary, warmup_cosine,
+                          warmup_poly_mmcv)
 from ops import MSDeformAttn
 
 IGNORE = 255
 
+# ----------------------------------------------------------------------------------------------------
+# Presets (spec 5, 6; the launchers' values). Every value can be overridden by a flag.
+
+# backbone name -> constructor sizes and the settings that go with it (spec 2.1, 2.3, audit B.3)
+BACKBONES = {
+    "swin_b": dict(kind="swin", arch=dict(SWIN_SIZES["base"], window_size=7), drop_path=0.3),
+    "mit_b5": dict(kind="mit", arch=dict(MIT_SIZES["mit_b5"]), drop_path=0.1),
+    # the quick start and the tests: 4-block backbones 16..128 wide, a 2-head adapter, a narrow head
+    "swin_toy": dict(kind="swin", arch=dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8), window_size=4),
+                     drop_path=0.1, deform_heads=2, conv_inplane=8, head_channels=32),
+    "mit_toy": dict(kind="mit", arch=dict(embed_dims=(16, 32, 64, 128), depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8),
+                                          sr_ratios=(4, 2, 1, 1)), drop_path=0.1, deform_heads=2, conv_inplane=8,
+                    head_channels=32),
+}
+CITYSCAPES = dict(target="cityscapes", target_scale=(1024, 512), test_scale=(1024, 512), num_classes=19, crop=512)
+PRESETS = {
+    # source training lrs per backbone: configs/pretrain/daformer_*_400k_<lr>_*.py
+    "gta2cs": dict(CITYSCAPES, source="gta5", source_scale=(1280, 720), source_lr=dict(swin_b=6e-6, mit_b5=2e-5)),
+    "syn2cs": dict(CITYSCAPES, source="synthia", source_scale=(1280, 760), source_lr=dict(swin_b=2e-6, mit_b5=2e-6),
+                   subsets=True),
+    # no files: SyntheticSeg's source and target domains, 128x128 images, 6 classes, toy backbones
+    "synthetic": dict(source="synthetic", target="synthetic", source_scale=(128, 128), target_scale=(128, 128),
+                      test_scale=(128, 128), num_classes=6, crop=128, backbone="swin_toy",
+                      source_lr=1e-3, adapt_lr=2e-4, source_iters=300, adapt_iters=200, warmup=30,
+                      source_batch=4, adapt_batch=2, eval_interval=100, curve_interval=5, queue=20),
+}
+RECIPE = dict(  # the official values where a preset says nothing else
+    backbone="swin_b", source_iters=400_000, warmup=1500, source_batch=2, adapt_iters=80_000, adapt_batch=1,
+    adapt_lr=dict(swin_b=6e-6, mit_b5=4e-6), eval_interval=2000, curve_interval=200, queue=1000)
+STAGES = ("source", "pseudo", "adapt")
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    a = p.add_argument
+    a("--stage", required=True, choices=STAGES, help="source: train on the source; pseudo: offline pseudo labels of "
+      "the target train split; adapt: prompt tuning on the target (source-free)")
+    a("--preset", default="gta2cs", choices=sorted(PRESETS), help="benchmark: source -> target")
+    a("--backbone", default=None, choices=sorted(BACKBONES), help="frozen backbone (preset's: swin_b; synthetic: swin_toy)")
+    a("--source-root", default=None, help="--stage source: the source dataset (GTA5 / SYNTHIA layout)")
+    a("--target-root", default=None, help="the target dataset (Cityscapes layout); train images unlabelled")
+    a("--work-dir", default="work_dirs/uni_uvpt", help="holds last.pt, best.pt, log.jsonl and vis/")
+    a("--pretrained", default=None, help="--stage source: ImageNet backbone (Swin: Microsoft / mmseg; MiT: mit_b5.pth)")
+    a("--source-checkpoint", default=None, help="--stage pseudo / adapt: the source model (ours, or an official "
+      "SSS / Source-GtA .pth)")
+    a("--pseudo-dir", default=None, help="pseudo labels: written by --stage pseudo, read by --stage adapt")
+    a("--eval-pseudo", action="store_true", help="--stage pseudo: also score the pseudo labels against the target "
+      "train split's ground truth (an evaluation: reads those labels)")
+    a("--unfreeze-backbone", action="store_true", help="train the backbone too, as the official launcher does")
+    a("--no-update-pseudo", action="store_true", help="no online pseudo-label correction (ablation)")
+    # model
+    a("--drop-path", type=float, default=None, help="backbone stochastic depth (Swin-B 0.3, MiT-B5 0.1); also the "
+      "extractors' DropPath")
+    a("--deform-heads", type=int, default=None, help="MSDeformAttn heads (16)")
+    a("--deform-ratio", type=float, default=0.5, help="MSDeformAttn value width / width (0.5)")
+    a("--n-points", type=int, default=4, help="sampling points per head and level (4)")
+    a("--conv-inplane", type=int, default=None, help="prompt generator width (64)")
+    a("--init-values", type=float, default=1e-6, help="injector gamma init (1e-6)")
+    a("--head-channels", type=int, default=None, help="DAFormer head embed / channels (256)")
+    # schedule
+    a("--iters", type=int, default=None, help="iterations (source 400k, adapt 80k)")
+    a("--batch-size", type=int, default=None, help="global batch over all processes (source 2, adapt 1)")
+    a("--lr", type=float, default=None, help="AdamW base lr (source: per backbone and source; adapt: Swin 6e-6, "
+      "MiT 4e-6; adapter x5, head x10)")
+    a("--weight-decay", type=float, default=0.01, help="AdamW weight decay (0.01; norms 0)")
+    a("--warmup", type=int, default=None, help="--stage source: linear warmup iterations (1500)")
+    a("--crop", type=int, default=None, help="training crop (512); a multiple of 128 for the half-scale forward")
+    a("--test-scale", type=int, nargs=2, default=None, help="test keep-ratio resize, long short (1024 512)")
+    # target objective and correction (spec 3, 4; launcher values)
+    a("--pc-weight", type=float, default=1.0, help="prediction consistency weight (1.0)")
+    a("--fc-weight", type=float, default=0.001, help="prompt-feature consistency weight per stage (0.001)")
+    a("--mask-threshold", type=float, default=0.8, help="prediction consistency mask threshold (0.8)")
+    a("--curve-interval", type=int, default=None, help="IoU curve point every N iterations (200)")
+    a("--queue", type=int, default=None, help="crops in the IoU FIFO (1000)")
+    a("--slope-threshold", type=float, default=0.95, help="relative slope change that starts a class (0.95)")
+    a("--quantile", type=float, default=0.8, help="confidence quantile of the corrected labels (launcher 0.80)")
+    # run
+    a("--eval-interval", type=int, default=None, help="evaluate on the target val split every N iterations (2000)")
+    a("--ckpt-interval", type=int, default=2000, help="write last.pt every N iterations")
+    a("--log-interval", type=int, default=50)
+    a("--num-samples", type=int, default=None, help="synthetic only: images per training split (64; val 32)")
+    a("--workers", type=int, default=2, help="data-loading processes per training process")
+    a("--seed", type=int, default=0)
+    a("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    a("--resume", action="store_true", help="continue exactly from work-dir/last.pt (the correction state too)")
+    a("--eval-only", action="store_true", help="evaluate --checkpoint on the target val split and exit")
+    a("--checkpoint", default=None, help="with --eval-only: ours or an official Uni-UVPT (adapt) / source .pth")
+    a("--summary", action="store_true", help="print parameter counts per module group and exit (no data)")
+    a("--vis", type=int, default=8, help="colour overlays written to work-dir/vis per evaluation")
+    a("--stop-at", type=int, default=None, help="stop after this iteration as if interrupted (tests --resume)")
+    args = p.parse_args(argv)
+    pr = {**RECIPE, **PRESETS[args.preset]}
+    args.backbone = args.backbone or pr["backbone"]
+    bb = BACKBONES[args.backbone]
+    source = args.stage == "source"
+    fill = dict(drop_path=bb["drop_path"], deform_heads=bb.get("deform_heads", 16),
+                conv_inplane=bb.get("conv_inplane", 64), head_channels=bb.get("head_channels", 256),
+                iters=pr["source_iters" if source else "adapt_iters"],
+                batch_size=pr["source_batch" if source else "adapt_batch"],
+                lr=_for_backbone(pr["source_lr" if source else "adapt_lr"], args.backbone), warmup=pr["warmup"], crop=pr["crop"],
+                test_scale=pr["test_scale"], eval_interval=pr["eval_interval"], curve_interval=pr["curve_interval"],
+                queue=pr["queue"])
+    for k, v in fill.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    args.test_scale = tuple(args.test_scale)
+    for flag in ("iters", "batch_size", "crop", "eval_interval", "ckpt_interval", "log_interval", "curve_interval",
+                 "queue", "deform_heads", "conv_inplane", "head_channels"):
+        if getattr(args, flag) <= 0:
+            p.error(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    if args.crop % 128:
+        p.error(f"--crop {args.crop}: the adapter needs sides that are multiples of 64 at every scale, and the "
+                "target objective also runs the crop at half size: use a multiple of 128 (the paper: 512)")
+    if not 0 < args.quantile < 1 or args.lr <= 0:
+        p.error("--quantile must be in (0, 1) and --lr positive")
+    if args.summary:
+        return args
+    synthetic = args.preset == "synthetic"
+    if source and not args.eval_only and not synthetic and not args.source_root:
+        p.error(f"--stage source needs --source-root (the {pr['source']} folder)")
+    if not synthetic and not args.target_root:
+        p.error(f"--target-root is required (the {pr['target']} folder)")
+    if not source and not args.eval_only and not args.resume and not args.source_checkpoint:
+        p.error(f"--stage {args.stage} needs --source-checkpoint (the source model: --stage source's best.pt / "
+                "last.pt, or an official SSS / GtA file)")
+    if not source and not args.eval_only and not args.pseudo_dir:
+        p.error(f"--stage {args.stage} needs --pseudo-dir (where --stage pseudo writes and --stage adapt reads)")
+    return args
+
+
+def _for_backbone(value, backbone):
+    """A preset value given per backbone ({'swin_b': .., 'mit_b5': ..}) or for all; a toy backbone takes the
+    value of its kind."""
+    if not isinstance(value, dict):
+        return value
+    return value.get(backbone, value["swin_b" if BACKBONES[backbone]["kind"] == "swin" else "mit_b5"])
 
 # ----------------------------------------------------------------------------------------------------
 # Model: the prompt adapter (spec 2.3). SPM = "prompt generator", interactions = "prompt interactors".
@@ -243,6 +397,27 @@ class PromptSwin(PromptAdapterMixin, SwinTransformer):
                 x, hw = stage.downsample(x, hw)                  # (B, L, C) -> (B, L/4, 2C)
         return feats, injected
 
+
+
+class PromptMiT(PromptAdapterMixin, MixVisionTransformer):
+    """MiT (common.mit, SegFormer names) + the prompt adapter. Stage i: patch_embed{i} on the previous
+    stage's map, interaction, blocks, norm{i}. The official MiT variant owns a level_embed and never adds
+    it (kept: the parameter is counted, trained by nothing)."""
+    add_level_embed = False
+
+    def forward(self, img):
+        prompts = self.initial_prompts(img)
+        x, feats, injected = img, [], []
+        for i, inter in enumerate(self.interactions):
+            patch_embed, blocks, norm = self.stage(i)
+            x, h, w = patch_embed(x)                             # (B, h*w, C_i)
+            x, prompts = inter(x, prompts, (h, w))
+            injected.append(_to_map(x, (h, w)))
+            for blk in blocks:
+                x = blk(x, h, w)
+            x = _to_map(norm(x), (h, w)).contiguous()            # the next stage's input and the head's map
+            feats.append(x)
+        return feats, injected
 
 class UniUVPT(nn.Module):
     """Prompted backbone + DAFormer head + the three learnable scale logits of the mixture (spec 3.3;
@@ -486,3 +661,404 @@ class LabelCorrection:
         self.hist.zero_()
         for i in self.preds:
             self.hist += self._hist(self.preds[i], self.confs[i])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Networks, checkpoints (audit B.2-8) and the optimiser (spec 5, 6)
+
+def build_model(args, num_classes):
+    """--stage source / pseudo: the plain source segmentor; adapt: UniUVPT with every backbone parameter
+    but the adapter's frozen (the paper; --unfreeze-backbone: the official launcher)."""
+    bb = BACKBONES[args.backbone]
+    prompted = args.stage == "adapt"
+    if bb["kind"] == "swin":
+        backbone = (PromptSwin if prompted else SwinTransformer)(**bb["arch"], drop_path_rate=args.drop_path)
+        dims = backbone.num_features
+    else:
+        backbone = (PromptMiT if prompted else MixVisionTransformer)(**bb["arch"], drop_path_rate=args.drop_path)
+        dims = list(backbone.embed_dims)
+    head = DAFormerHead(dims, num_classes, embed_dim=args.head_channels, channels=args.head_channels)
+    if not prompted:
+        return EncoderDecoder(backbone, head)
+    backbone.add_prompt_adapter(dims, args.drop_path, args.deform_heads, args.n_points, args.deform_ratio,
+                                args.init_values, args.conv_inplane)
+    model = UniUVPT(backbone, head, num_classes, args.pc_weight, args.fc_weight, args.mask_threshold)
+    if not args.unfreeze_backbone:
+        freeze_all_but(model, lambda n: not n.startswith("backbone.") or n[len("backbone."):].startswith(ADAPTER_KEYS))
+    return model
+
+
+def summarize(model, args):
+    adapter = lambda n: n.startswith("backbone.") and n[len("backbone."):].startswith(ADAPTER_KEYS)
+    return summary(model, {f"backbone ({args.backbone})": lambda n: n.startswith("backbone.") and not adapter(n),
+                           "prompt adapter (spm, interactions, level_embed)": adapter,
+                           "decode head (DAFormer)": lambda n: n.startswith("decode_head."),
+                           "scale logits": lambda n: n == "scale_logits"})
+
+
+KIND_NAMES = {"swin": "Swin", "mit": "MiT (SegFormer)"}
+
+
+def _backbone_kind(sd):
+    keys = [k[len("backbone."):] for k in sd if k.startswith("backbone.")]
+    if any(k.startswith(("patch_embed1.", "block1.")) or re.match(r"layers\.\d+\.\d\.", k) for k in keys):
+        return "mit"
+    if any(k.startswith(("patch_embed.", "stages.", "layers.")) for k in keys):
+        return "swin"
+    return None
+
+
+def load_segmentor(model, path, what, args):
+    """A source model (into the plain or the prompted network) or an adapted one (--eval-only): the
+    backbone in any published layout (Swin: ours = Microsoft's names, or mmseg's; MiT: NVlabs or mmseg),
+    the head strictly, the official top-level 'weight' as scale_logits. The training-only heads of a
+    Source-GtA file (decode_head_aug0..5) are dropped with one line. A source model leaves the adapter at
+    its init, as the official non-strict backbone load does."""
+    ck = load_checkpoint(path, what)
+    sd = unwrap_state_dict(ck, ("model", "state_dict"))
+    if not isinstance(sd, dict) or not any(str(k).startswith("decode_head.") for k in sd):
+        raise UserError(f"{what} {path}: no segmentor weights (expected 'model' or 'state_dict' holding "
+                        "backbone.* and decode_head.* keys)")
+    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+    kind, want = _backbone_kind(sd), BACKBONES[args.backbone]["kind"]
+    if kind != want:
+        raise UserError(f"{what} {path} holds a {KIND_NAMES.get(kind, 'unknown')} backbone, but --backbone "
+                        f"{args.backbone} is a {KIND_NAMES[want]}: pass the --backbone it was trained with")
+    aug = [k for k in sd if k.startswith("decode_head_aug")]
+    if aug:
+        print(f"{what} {path}: Source-GtA model: dropped the {len(aug)} keys of its training-only heads "
+              f"decode_head_aug0..5 (decode_head is the global head)")
+    prompted = isinstance(model, UniUVPT)
+    has_adapter = any(k[len("backbone."):].startswith(ADAPTER_KEYS) for k in sd if k.startswith("backbone."))
+    if has_adapter and not prompted:
+        raise UserError(f"{what} {path} is an adapted Uni-UVPT model (it holds the prompt adapter); evaluate it "
+                        "with --stage adapt --eval-only --checkpoint, or pass the source model here")
+    rest = [k for k in sd if not k.startswith(("backbone.", "decode_head.", "decode_head_aug"))
+            and k not in ("weight", "scale_logits")]
+    if rest:
+        raise UserError(f"{what} {path}: unexpected keys outside backbone / decode_head: {', '.join(rest[:5])}")
+    backbone = {k: v for k, v in sd.items() if k.startswith("backbone.")}
+    allow = ADAPTER_KEYS if prompted and not has_adapter else ()
+    if kind == "swin":
+        load_swin_pretrained(model.backbone, backbone, allow_missing=allow)
+    else:
+        load_mit_pretrained(model.backbone, backbone, allow_missing=allow, verbose=False)
+    head = {k[len("decode_head."):]: v for k, v in sd.items() if k.startswith("decode_head.")}
+    load_state_dict_checked(model.decode_head, head, f"{what} {path} (decode_head.*)")
+    w = sd.get("scale_logits", sd.get("weight"))
+    if prompted and w is not None:
+        with torch.no_grad():
+            model.scale_logits.copy_(w)
+
+
+# mmcv custom_keys of the configs: name -> (lr_mult, decay_mult); the longest key contained in a parameter's
+# name wins (ties by name), so adapter LayerNorms keep weight decay and head BNs too (spec 6)
+SOURCE_KEYS = {"head": (10.0, 1.0), "pos_block": (1.0, 0.0), "norm": (1.0, 0.0)}
+ADAPT_KEYS = {**SOURCE_KEYS, "level_embed": (5.0, 1.0), "spm": (5.0, 1.0), "interactions": (5.0, 1.0)}
+
+
+def build_optimizer(model, args, keys):
+    order = sorted(sorted(keys), key=len, reverse=True)
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        key = next((k for k in order if k in name), None)
+        lr_mult, decay_mult = keys[key] if key else (1.0, 1.0)
+        g = groups.setdefault((lr_mult, decay_mult), {"params": [], "names": [], "lr_scale": lr_mult,
+                                                      "weight_decay": args.weight_decay * decay_mult})
+        g["params"].append(p)
+        g["names"].append(name)
+    opt = torch.optim.AdamW(list(groups.values()), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
+    init_lr(opt, args.lr)
+    return opt
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data: the source (labelled), the target train split (images only, + pseudo labels), the target val split
+
+SYNTHIA16 = [0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 15, 17, 18]   # no terrain, truck, train
+SYNTHIA13 = [c for c in SYNTHIA16 if c not in (3, 4, 5)]              # nor wall, fence, pole
+
+
+def subset_miou(iou, classes):
+    return float(np.nanmean([iou[c] for c in classes]))
+
+
+def target_split(args, split, transform, with_labels):
+    pr = PRESETS[args.preset]
+    if args.preset == "synthetic":
+        n = (args.num_samples or 64) if split == "train" else 32
+        return SyntheticSeg(n, pr["num_classes"], size=(128, 128), split=split, transform=transform, seed=args.seed,
+                            domain="target", with_labels=with_labels)
+    return build_dataset(pr["target"], args.target_root, split, transform, with_labels=with_labels)
+
+
+def target_image(ds, i):
+    """The decoded image of target sample i, (H, W, 3) uint8; a label file is never opened."""
+    return ds.generate(i)[0] if isinstance(ds, SyntheticSeg) else ds.load(i)[0]
+
+
+def pseudo_names(ds, args):
+    """The pseudo-label files of a target train split, relative to --pseudo-dir: Cityscapes'
+    <city>/<stem>_gtFine_labelTrainIds.png as the official generate_pseudo_label.py writes them."""
+    if isinstance(ds, SyntheticSeg):
+        return [f"{ds.name}_{ds.split}_{i:06d}_labelTrainIds.png" for i in range(len(ds))]
+    spec = DATASETS[ds.name]
+    img_dir = os.path.join(args.target_root, spec["splits"]["train"][0][0])
+    return [os.path.relpath(p, img_dir)[:-len(spec["img_suffix"])] + spec["label_suffix"] for p, _ in ds.items]
+
+
+class PseudoLabelled(torch.utils.data.Dataset):
+    """Target training samples: the image (never its label) with its pseudo label from --pseudo-dir,
+    through the training transform; each sample carries its index and crop geometry for the correction."""
+
+    def __init__(self, images, paths, num_classes, transform):
+        self.images, self.paths, self.num_classes, self.transform = images, paths, num_classes, transform
+
+    def __len__(self):
+        return len(self.paths)
+
+    def read(self, i):
+        return read_label(self.paths[i], self.num_classes, False)
+
+    def full_label(self, i, size):
+        """The offline pseudo label in the resized (h, w) frame, uint8: where the correction starts."""
+        return torch.from_numpy(np.ascontiguousarray(resize_nearest(self.read(i), tuple(size))))
+
+    def __getitem__(self, key):
+        i, seed = key if isinstance(key, (tuple, list)) else (key, None)
+        img, label = target_image(self.images, i), self.read(i)
+        if label.shape != img.shape[:2]:
+            raise UserError(f"pseudo label {self.paths[i]} is {label.shape[0]}x{label.shape[1]}, its image "
+                            f"{img.shape[0]}x{img.shape[1]}; expected the original image size (--stage pseudo)")
+        x, y, meta = apply_transform(self.transform, img, label, np.random.default_rng(seed))
+        return dict(img=x, label=y, index=i, meta=meta)
+
+
+def check_pseudo_dir(args, names):
+    """--pseudo-dir must hold exactly one label per target training image, under the names --stage pseudo
+    gives them (the official release wrote pretrain2/ and read pretrain/: one folder here)."""
+    d = args.pseudo_dir
+    if not os.path.isdir(d):
+        raise UserError(f"--pseudo-dir {d} is not a folder; write the pseudo labels with --stage pseudo first")
+    have = {os.path.relpath(os.path.join(r, f), d) for r, _, fs in os.walk(d) for f in fs if f.endswith(".png")}
+    missing = [n for n in names if n not in have]
+    extra = sorted(have - set(names))
+    if missing or extra:
+        raise UserError(f"--pseudo-dir {d} does not match the target train split ({len(names)} images): "
+                        f"{len(missing)} missing (e.g. {missing[:1]}), {len(extra)} not of this split "
+                        f"(e.g. {extra[:1]}); run --stage pseudo for this target into an empty folder")
+    manifest = os.path.join(d, "pseudo_labels.json")
+    if os.path.isfile(manifest):
+        m = json.load(open(manifest))
+        want = PRESETS[args.preset]["target"]
+        if m.get("target") != want:
+            raise UserError(f"--pseudo-dir {d} holds pseudo labels of '{m.get('target')}', not of '{want}'")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Stage pseudo (spec 1.2): whole image at the test scale, logits resized to the original size, argmax,
+# no threshold; one uint8 PNG per target training image
+
+@torch.no_grad()
+def write_pseudo_labels(args, info, model, num_classes):
+    target = target_split(args, "train", TestTransform(scale=args.test_scale), with_labels=False)
+    names, d = pseudo_names(target, args), args.pseudo_dir
+    if os.path.isdir(d) and any(os.scandir(d)):
+        raise UserError(f"--pseudo-dir {d} is not empty; write the pseudo labels into a new folder (nothing was "
+                        "written)")
+    D.barrier()
+    model.eval()
+    shard = D.ShardSampler(len(target), info.rank, info.world_size)
+    loader = torch.utils.data.DataLoader(target, batch_size=1, sampler=shard, num_workers=min(args.workers, 2),
+                                         collate_fn=collate_single)
+    for i, s in zip(shard, tqdm(loader, desc="pseudo labels", disable=not info.is_main)):
+        probs = predict(model, s["img"].to(info.device), s["label"].shape[-2:], num_classes)  # (1, K, H0, W0)
+        path = os.path.join(d, names[i])
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        Image.fromarray(probs.argmax(1)[0].to(torch.uint8).cpu().numpy()).save(path + ".tmp", format="PNG")
+        os.replace(path + ".tmp", path)
+    D.barrier()
+    if info.is_main:
+        manifest = dict(target=PRESETS[args.preset]["target"], split="train", images=len(names),
+                        source_checkpoint=args.source_checkpoint, backbone=args.backbone, test_scale=args.test_scale)
+        with open(os.path.join(d, "pseudo_labels.json"), "w") as f:
+            json.dump(manifest, f, indent=1)
+        print(f"wrote {len(names)} pseudo labels to {d}; train on them with --stage adapt --pseudo-dir {d}")
+    if not args.eval_pseudo:
+        return None
+    # evaluation only: the target train split's ground truth, read here and nowhere else
+    gt = target_split(args, "train", None, with_labels=True)
+    metric = SegMetric(num_classes)
+    for i in shard:
+        label = gt.generate(i)[1] if isinstance(gt, SyntheticSeg) else gt.load(i)[1]
+        pseudo = read_label(os.path.join(d, names[i]), num_classes, False)
+        metric.update(torch.from_numpy(pseudo), torch.from_numpy(label))
+    m = metrics_line(metric.reduce().compute(), PRESETS[args.preset].get("subsets"))
+    if info.is_main:
+        print("pseudo labels vs the target train ground truth: " + "  ".join(f"{k} {v:.2f}" for k, v in m.items()))
+    return m
+
+
+def metrics_line(m, subsets):
+    out = {k: m[k] for k in ("mIoU", "mAcc", "aAcc")}
+    if subsets:
+        out["mIoU16"], out["mIoU13"] = subset_miou(m["IoU"], SYNTHIA16), subset_miou(m["IoU"], SYNTHIA13)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# main: source training, pseudo labels, adaptation (the correction hook around each iteration)
+
+def main(argv=None):
+    args = get_args(argv)
+    num_classes = PRESETS[args.preset]["num_classes"]
+    if args.summary:
+        with torch.device("meta"):
+            model = build_model(args, num_classes)
+        summarize(model, args)
+        return None
+    info = D.setup(args.device)
+    result = run(args, info, num_classes)
+    D.cleanup()
+    return result
+
+
+def _gather(t, info):
+    """Concatenates a tensor over processes in rank order (itself in one process), on the CPU."""
+    if not info.distributed:
+        return t
+    t = t.to(info.device)
+    out = [torch.empty_like(t) for _ in range(info.world_size)]
+    dist.all_gather(out, t)
+    return torch.cat(out).cpu()
+
+
+def run(args, info, num_classes):
+    dev, pr, source = info.device, PRESETS[args.preset], args.stage == "source"
+    D.seed_everything(args.seed + info.rank)
+    model = build_model(args, num_classes)
+    palette = get_palette("synthetic" if args.preset == "synthetic" else "cityscapes", num_classes)
+    val = target_split(args, "val", TestTransform(scale=args.test_scale), with_labels=True)
+    val_loader = torch.utils.data.DataLoader(val, batch_size=1, sampler=D.ShardSampler(len(val), info.rank,
+                                             info.world_size), num_workers=min(args.workers, 2), collate_fn=collate_single)
+
+    def run_eval(tag):
+        vis = overlay_writer(os.path.join(args.work_dir, "vis", tag), val, palette, args.vis) \
+            if info.is_main and args.vis else None
+        m = evaluate(model, val_loader, num_classes, dev, lambda mm, x, size: predict(mm, x, size, num_classes),
+                     info.is_main, vis)
+        return metrics_line(m, pr.get("subsets"))
+
+    if args.eval_only:
+        path = args.checkpoint or os.path.join(args.work_dir, "best.pt")
+        load_segmentor(model, path, "--checkpoint", args)
+        model.to(dev)
+        m = run_eval("eval")
+        if info.is_main:
+            print("target val: " + "  ".join(f"{k} {v:.2f}" for k, v in m.items()))
+        return m
+    if args.stage == "pseudo":
+        load_segmentor(model, args.source_checkpoint, "--source-checkpoint", args)
+        return write_pseudo_labels(args, info, model.to(dev), num_classes)
+
+    # data first: a bad --pseudo-dir or data root fails before anything is written
+    if source:
+        tf = TrainTransform(scale=pr["source_scale"], crop=args.crop, ratio_range=None)
+        if args.preset == "synthetic":
+            train_set = SyntheticSeg(args.num_samples or 64, num_classes, size=(128, 128), split="train", transform=tf,
+                                     seed=args.seed, domain="source")
+        else:
+            train_set = build_dataset(pr["source"], args.source_root, "train", tf)
+    else:
+        images = target_split(args, "train", None, with_labels=False)
+        names = pseudo_names(images, args)
+        check_pseudo_dir(args, names)
+        tf = TrainTransform(scale=pr["target_scale"], crop=args.crop, ratio_range=None)
+        train_set = PseudoLabelled(images, [os.path.join(args.pseudo_dir, n) for n in names], num_classes, tf)
+    if len(train_set) == 0:
+        raise UserError("the training split is empty")
+    if args.batch_size % info.world_size:
+        raise UserError(f"--batch-size {args.batch_size} is not divisible by the {info.world_size} processes")
+    per_rank = args.batch_size // info.world_size
+
+    book = RunBook(args, info)
+    if not args.resume:
+        if not source:
+            load_segmentor(model, args.source_checkpoint, "--source-checkpoint", args)
+        elif args.pretrained:
+            (load_swin_pretrained if BACKBONES[args.backbone]["kind"] == "swin" else load_mit_pretrained)(
+                model.backbone, args.pretrained)
+        elif args.preset != "synthetic" and info.is_main:
+            print("note: no --pretrained: the backbone starts from scratch (the recipe starts from ImageNet)")
+    model.to(dev)
+    opt = build_optimizer(model, args, SOURCE_KEYS if source else ADAPT_KEYS)
+    n = len(train_set)
+    corr = None if source or args.no_update_pseudo else LabelCorrection(
+        num_classes, n / args.batch_size, args.curve_interval, args.queue, args.slope_threshold, args.quantile)
+    ck = book.resume(model, opt)
+    if ck is not None and corr is not None:
+        corr.load_state_dict(ck["correction"])
+    start = book.start
+    batches = D.train_batches(train_set, per_rank, info, args.seed, start, args.workers)
+    if info.is_main:
+        print(f"{args.stage} on {args.preset} ({args.backbone}): {count_params(model, True):,} trainable of "
+              f"{count_params(model):,} parameters; {args.iters} iterations at batch {args.batch_size} "
+              f"({info.world_size} process(es) on {dev})")
+
+    model.train()  # the frozen backbone's stochastic depth stays active, as in the official code
+    stop = min(args.iters, args.stop_at or args.iters)
+    per_epoch = math.ceil(n / args.batch_size)  # mmcv's IterLoader: an epoch is one pass of the loader
+    bar = tqdm(range(start, stop), initial=start, total=args.iters, disable=not info.is_main, desc=args.stage)
+    t0 = time.time()
+    for it in bar:
+        D.seed_step(args.seed, it, info.rank)
+        set_lr(opt, warmup_poly_mmcv(it, args.iters, args.warmup) if source else warmup_cosine(it, args.iters, 0, 1e-5))
+        batch = next(batches)
+        img, label = batch["img"].to(dev), batch["label"].to(dev)
+        if source:
+            loss, parts = model(img, label)
+        else:
+            epoch = it // per_epoch
+            if corr is not None:
+                # every process applies the corrections of the whole global batch, in rank order
+                meta = batch["meta"]
+                rows = _gather(torch.stack([batch["index"], *meta["box"], meta["flip"].long(), *meta["size"]], 1), info)
+                for r, (i, y1, y2, x1, x2, flip, h, w) in enumerate(rows.tolist()):
+                    crop = corr.label(epoch, i, (y1, y2, x1, x2), bool(flip), lambda: train_set.full_label(i, (h, w)))
+                    if crop is not None and r // per_rank == info.rank:
+                        label[r % per_rank] = IGNORE
+                        label[r % per_rank, :crop.shape[0], :crop.shape[1]] = crop.to(dev)
+            loss, parts, (pred, conf) = model(img, label)
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"loss is {loss.item()} at iteration {it}; stopping without saving")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        D.average_gradients(model)
+        opt.step()
+        if corr is not None:
+            preds, confs = _gather(pred.to(torch.uint8), info), _gather(conf.float(), info)
+            for (i, y1, y2, x1, x2, flip, _, _), p, c in zip(rows.tolist(), preds, confs):
+                corr.record(i, (y1, y2, x1, x2), bool(flip), p[:y2 - y1, :x2 - x1], c[:y2 - y1, :x2 - x1])
+            corr.step(it, epoch)
+
+        done = it + 1
+        if info.is_main and (done % args.log_interval == 0 or done == stop):
+            rec = {"iter": done, "loss": loss.item(), "lr": max(g["lr"] for g in opt.param_groups),
+                   "sec_per_iter": (time.time() - t0) / (done - start), **{k: v.item() for k, v in parts.items()}}
+            if corr is not None:
+                rec["correcting"] = list(corr.updating)
+            book.log(**rec)
+            bar.set_postfix(loss=f"{rec['loss']:.4f}")
+        due = done % args.eval_interval == 0 or done == args.iters
+        book.step_end(done, model, opt, save=done % args.ckpt_interval == 0 or done == stop,
+                      evaluate=(lambda: run_eval(f"iter_{done}")) if due else None,
+                      extra=lambda: {"correction": corr.state_dict()} if corr is not None else {})
+    bar.close()
+    book.finish()
+    return book.last_metrics
+
+
+if __name__ == "__main__":
+    cli(main)
