@@ -105,6 +105,8 @@ def get_args(argv=None):
     a("--weight-decay", type=float, default=0.01, help="AdamW weight decay (0.01; norms 0)")
     a("--warmup", type=int, default=None, help="--stage source: linear warmup iterations (1500)")
     a("--crop", type=int, default=None, help="training crop (512); a multiple of 128 for the half-scale forward")
+    a("--scale", type=int, nargs=2, default=None, help="training keep-ratio resize, long short (GTA5 1280 720, "
+      "SYNTHIA 1280 760, target 1024 512)")
     a("--test-scale", type=int, nargs=2, default=None, help="test keep-ratio resize, long short (1024 512)")
     # target objective and correction (spec 3, 4; launcher values)
     a("--pc-weight", type=float, default=1.0, help="prediction consistency weight (1.0)")
@@ -138,12 +140,12 @@ def get_args(argv=None):
                 iters=pr["source_iters" if source else "adapt_iters"],
                 batch_size=pr["source_batch" if source else "adapt_batch"],
                 lr=_for_backbone(pr["source_lr" if source else "adapt_lr"], args.backbone), warmup=pr["warmup"], crop=pr["crop"],
-                test_scale=pr["test_scale"], eval_interval=pr["eval_interval"], curve_interval=pr["curve_interval"],
+                scale=pr["source_scale" if source else "target_scale"], test_scale=pr["test_scale"], eval_interval=pr["eval_interval"], curve_interval=pr["curve_interval"],
                 queue=pr["queue"])
     for k, v in fill.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    args.test_scale = tuple(args.test_scale)
+    args.scale, args.test_scale = tuple(args.scale), tuple(args.test_scale)
     for flag in ("iters", "batch_size", "crop", "eval_interval", "ckpt_interval", "log_interval", "curve_interval",
                  "queue", "deform_heads", "conv_inplane", "head_channels"):
         if getattr(args, flag) <= 0:
@@ -901,6 +903,20 @@ def write_pseudo_labels(args, info, model, num_classes):
     return m
 
 
+def check_test_size(ds, scale, what):
+    """The adapter needs sides that are multiples of 64: checked on the first image of a split (its header
+    only) before anything runs. Cityscapes: 2048x1024 -> 1024x512."""
+    if isinstance(ds, SyntheticSeg):
+        h, w = ds.size
+    else:
+        with Image.open(ds.items[0][0]) as im:
+            w, h = im.size
+    oh, ow = TestTransform(scale=scale).output_size(h, w)
+    if oh % 64 or ow % 64:
+        raise UserError(f"--test-scale {scale[0]} {scale[1]}: {what} images ({h}x{w}) become {oh}x{ow}, but "
+                        "Uni-UVPT's prompt adapter needs sides that are multiples of 64 (the paper: 1024x512)")
+
+
 def metrics_line(m, subsets):
     out = {k: m[k] for k in ("mIoU", "mAcc", "aAcc")}
     if subsets:
@@ -941,6 +957,8 @@ def run(args, info, num_classes):
     model = build_model(args, num_classes)
     palette = get_palette("synthetic" if args.preset == "synthetic" else "cityscapes", num_classes)
     val = target_split(args, "val", TestTransform(scale=args.test_scale), with_labels=True)
+    if args.stage == "adapt":
+        check_test_size(val, args.test_scale, "the target val")
     val_loader = torch.utils.data.DataLoader(val, batch_size=1, sampler=D.ShardSampler(len(val), info.rank,
                                              info.world_size), num_workers=min(args.workers, 2), collate_fn=collate_single)
 
@@ -965,7 +983,7 @@ def run(args, info, num_classes):
 
     # data first: a bad --pseudo-dir or data root fails before anything is written
     if source:
-        tf = TrainTransform(scale=pr["source_scale"], crop=args.crop, ratio_range=None)
+        tf = TrainTransform(scale=args.scale, crop=args.crop, ratio_range=None)
         if args.preset == "synthetic":
             train_set = SyntheticSeg(args.num_samples or 64, num_classes, size=(128, 128), split="train", transform=tf,
                                      seed=args.seed, domain="source")
@@ -975,7 +993,7 @@ def run(args, info, num_classes):
         images = target_split(args, "train", None, with_labels=False)
         names = pseudo_names(images, args)
         check_pseudo_dir(args, names)
-        tf = TrainTransform(scale=pr["target_scale"], crop=args.crop, ratio_range=None)
+        tf = TrainTransform(scale=args.scale, crop=args.crop, ratio_range=None)
         train_set = PseudoLabelled(images, [os.path.join(args.pseudo_dir, n) for n in names], num_classes, tf)
     if len(train_set) == 0:
         raise UserError("the training split is empty")

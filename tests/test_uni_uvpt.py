@@ -1,14 +1,20 @@
 """uni_uvpt.py: adapter parameter counts and wiring, the injector's near-identity start, the target losses
 and the label-correction hook against hand computations, then the stages end to end on synthetic data."""
+import json
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 import uni_uvpt as U
 from common.io import UserError, atomic_save, load_checkpoint
+from common.seg_data import SyntheticSeg
 from common.swin import SWIN_SIZES, SwinTransformer
 
 
@@ -326,3 +332,275 @@ def test_correction_state_resumes_exactly(tmp_path):
     for a, b in ((corr.labels[7], fresh.labels[7]), (corr.confs[7], fresh.confs[7]), (corr.areas, fresh.areas)):
         assert torch.equal(a, b) and a.dtype == b.dtype
     assert corr.preds[7].dtype == torch.uint8 and corr.confs[7].dtype == torch.float16
+
+
+# ----------------------------------------------------------------------------------------------------
+# the command line: summaries, official checkpoint layouts, bad inputs
+
+def summary_line(capsys, *argv):
+    U.main(["--summary", *argv])
+    out = capsys.readouterr().out
+    return out.strip().splitlines()[-1], out
+
+
+def test_summary_lines_of_the_issue(capsys):
+    last, out = summary_line(capsys, "--stage", "adapt", "--backbone", "mit_b5")
+    assert last == "params: total=93740950 trainable=12297942"
+    assert "8,585,664" in out and "3,712,275" in out and "81,443,008" in out
+    last, out = summary_line(capsys, "--stage", "adapt", "--backbone", "swin_b")
+    assert last == "params: total=115353134 trainable=28608118"
+    # the official launcher's setting trains the backbone too; the source model has no adapter
+    last, _ = summary_line(capsys, "--stage", "adapt", "--backbone", "mit_b5", "--unfreeze-backbone")
+    assert last == "params: total=93740950 trainable=93740950"
+    last, _ = summary_line(capsys, "--stage", "source", "--backbone", "mit_b5")
+    assert last == "params: total=85155283 trainable=85155283"   # audit C: MiT-B5 + DAFormer head
+
+
+def official_adapter_keys(dims, inplane, heads):
+    """The official uni-uvpt adapter keys and shapes (adapter_modules.py: SpatialPriorModule with
+    conv4 and fc1..3, InteractionBlockPrompt with injector / extractor / up_layer1..3), written out from
+    the module structure; MSDeformAttn with ratio 0.5 and 4 points."""
+    keys = {}
+
+    def bn(p, c):
+        keys.update({f"{p}.weight": (c,), f"{p}.bias": (c,), f"{p}.running_mean": (c,), f"{p}.running_var": (c,),
+                     f"{p}.num_batches_tracked": ()})
+
+    for j, ci in enumerate((3, inplane, inplane)):                 # stem: 3 x (conv, BN, ReLU), max-pool
+        keys[f"spm.stem.{3 * j}.weight"] = (inplane, ci, 3, 3)
+        bn(f"spm.stem.{3 * j + 1}", inplane)
+    for name, ci, co in (("conv2", inplane, 2 * inplane), ("conv3", 2 * inplane, 4 * inplane),
+                         ("conv4", 4 * inplane, 4 * inplane)):
+        keys[f"spm.{name}.0.weight"] = (co, ci, 3, 3)
+        bn(f"spm.{name}.1", co)
+    for j, ci in enumerate((inplane, 2 * inplane, 4 * inplane), 1):
+        keys[f"spm.fc{j}.weight"], keys[f"spm.fc{j}.bias"] = (dims[0], ci, 1, 1), (dims[0],)
+    keys["level_embed"] = (3, dims[0])
+    for i, d in enumerate(dims):
+        p = f"interactions.{i}"
+        for part, levels in (("injector", 3), ("extractor", 1)):
+            for norm in ("query_norm", "feat_norm"):
+                keys[f"{p}.{part}.{norm}.weight"] = keys[f"{p}.{part}.{norm}.bias"] = (d,)
+            v, n = d // 2, heads * levels * 4
+            keys.update({f"{p}.{part}.attn.sampling_offsets.weight": (2 * n, d),
+                         f"{p}.{part}.attn.sampling_offsets.bias": (2 * n,),
+                         f"{p}.{part}.attn.attention_weights.weight": (n, d),
+                         f"{p}.{part}.attn.attention_weights.bias": (n,),
+                         f"{p}.{part}.attn.value_proj.weight": (v, d), f"{p}.{part}.attn.value_proj.bias": (v,),
+                         f"{p}.{part}.attn.output_proj.weight": (d, v), f"{p}.{part}.attn.output_proj.bias": (d,)})
+        keys[f"{p}.injector.gamma"] = (d,)
+        h = d // 4
+        keys.update({f"{p}.extractor.ffn.fc1.weight": (h, d), f"{p}.extractor.ffn.fc1.bias": (h,),
+                     f"{p}.extractor.ffn.dwconv.dwconv.weight": (h, 1, 3, 3),
+                     f"{p}.extractor.ffn.dwconv.dwconv.bias": (h,),
+                     f"{p}.extractor.ffn.fc2.weight": (d, h), f"{p}.extractor.ffn.fc2.bias": (d,),
+                     f"{p}.extractor.ffn_norm.weight": (d,), f"{p}.extractor.ffn_norm.bias": (d,)})
+        if i + 1 < len(dims):
+            for j in (1, 2, 3):
+                keys[f"{p}.up_layer{j}.weight"] = (dims[i + 1], d, 3, 3)
+    return keys
+
+
+def test_adapter_keys_are_the_official_ones():
+    with torch.device("meta"):
+        for backbone, dims in (("swin_b", (128, 256, 512, 1024)), ("mit_b5", (64, 128, 320, 512))):
+            model = U.build_model(U.get_args(["--stage", "adapt", "--backbone", backbone, "--summary"]), 19)
+            ours = {k[len("backbone."):]: tuple(v.shape) for k, v in model.state_dict().items()
+                    if k.startswith("backbone.") and k[len("backbone."):].startswith(U.ADAPTER_KEYS)}
+            assert ours == official_adapter_keys(dims, 64, 16), backbone
+            assert tuple(model.scale_logits.shape) == (3,)
+
+
+def toy_args(stage, backbone="swin_toy", *extra):
+    return U.get_args(["--stage", stage, "--preset", "synthetic", "--backbone", backbone, "--summary", *extra])
+
+
+def randomised(model, seed):
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for k, v in model.state_dict().items():
+            if k.endswith("running_var"):
+                v.uniform_(0.5, 1.5)
+            elif v.is_floating_point():
+                v.normal_(0, 0.1)
+    return model
+
+
+@pytest.mark.parametrize("backbone", ["swin_toy", "mit_toy"])
+def test_official_adapted_checkpoint_loads(tmp_path, backbone):
+    """An official Uni-UVPT checkpoint (mmcv: meta + state_dict; Swin in mmseg's layout, MiT in SegFormer's;
+    the adapter under backbone.spm / interactions / level_embed; the scale logits as top-level 'weight')
+    loads for --eval-only into exactly the weights it was made from."""
+    from tests.test_swin import official_to_mmseg
+    args = toy_args("adapt", backbone)
+    model = randomised(U.build_model(args, 6), 0)
+    sd = model.state_dict()
+    bb = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
+    adapter = {k: v for k, v in bb.items() if k.startswith(U.ADAPTER_KEYS)}
+    plain = {k: v for k, v in bb.items() if k not in adapter}
+    if backbone == "swin_toy":
+        plain = official_to_mmseg(plain)
+        assert any(k.startswith("stages.0.blocks.0.attn.w_msa.") for k in plain)
+    official = {**{f"backbone.{k}": v for k, v in {**plain, **adapter}.items()},
+                **{k: v for k, v in sd.items() if k.startswith("decode_head.")}, "weight": sd["scale_logits"]}
+    atomic_save({"meta": {"iter": 80000}, "state_dict": official}, tmp_path / "uvpt.pth")
+    fresh = randomised(U.build_model(args, 6), 1)
+    U.load_segmentor(fresh, str(tmp_path / "uvpt.pth"), "--checkpoint", args)
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(v, sd[k]), k
+
+
+def test_source_checkpoints_gta_heads_and_the_other_backbone(tmp_path, capsys):
+    """A Source-GtA model loads into the prompted network with its decode_head_aug0..5 dropped (one line);
+    the adapter keeps its init. A MiT model refuses to load into a Swin, and an adapted model refuses to
+    serve as a source model."""
+    src = randomised(U.build_model(toy_args("source"), 6), 2).state_dict()
+    gta = {**src, **{f"decode_head_aug{j}.{k[len('decode_head.'):]}": v for j in range(6)
+                     for k, v in src.items() if k.startswith("decode_head.")}}
+    atomic_save({"state_dict": gta}, tmp_path / "gta.pth")
+    args = toy_args("adapt")
+    model = U.build_model(args, 6)
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    U.load_segmentor(model, str(tmp_path / "gta.pth"), "--source-checkpoint", args)
+    out = capsys.readouterr().out
+    assert "decode_head_aug0..5" in out and "gta.pth" in out and len(out.strip().splitlines()) == 1
+    for k, v in model.state_dict().items():
+        if k.startswith("backbone.") and k[len("backbone."):].startswith(U.ADAPTER_KEYS):
+            assert torch.equal(v, init[k]), k
+        elif k != "scale_logits":
+            assert torch.equal(v, src[k]), k
+    mit_src = U.build_model(toy_args("source", "mit_toy"), 6).state_dict()
+    atomic_save({"model": mit_src}, tmp_path / "mit.pth")
+    with pytest.raises(UserError, match=r"mit\.pth holds a MiT .* --backbone swin_toy"):
+        U.load_segmentor(U.build_model(args, 6), str(tmp_path / "mit.pth"), "--source-checkpoint", args)
+    atomic_save({"model": model.state_dict()}, tmp_path / "adapted.pt")
+    with pytest.raises(UserError, match="adapted Uni-UVPT model"):
+        U.load_segmentor(U.build_model(toy_args("pseudo"), 6), str(tmp_path / "adapted.pt"), "--source-checkpoint",
+                         toy_args("pseudo"))
+
+
+# ----------------------------------------------------------------------------------------------------
+# the stages on the official folder layouts: source-free, bad inputs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_TRAINID_TO_ID = [7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33]
+
+
+def write_domain_layouts(root, n_src=4, n_train=4, n_val=2, size=(128, 256)):
+    """GTA5 (source: images/*.png, labels/*.png of Cityscapes label ids) and Cityscapes (target:
+    leftImg8bit/ + gtFine/*_labelTrainIds.png) with fixed-size images of SyntheticSeg's two domains."""
+    src = SyntheticSeg(n_src, 6, size=size, seed=3, domain="source")
+    tgt = {s: SyntheticSeg(n, 6, size=size, split=s, seed=3, domain="target") for s, n in (("train", n_train), ("val", n_val))}
+    gta, cs = os.path.join(root, "gta5"), os.path.join(root, "cityscapes")
+    save = lambda path, arr: (os.makedirs(os.path.dirname(path), exist_ok=True), Image.fromarray(arr).save(path))
+    for i in range(n_src):
+        img, lab = src.generate(i)
+        save(os.path.join(gta, "images", f"{i:05d}.png"), img)
+        save(os.path.join(gta, "labels", f"{i:05d}.png"), np.array(_TRAINID_TO_ID, dtype=np.uint8)[lab])
+    for split, ds in tgt.items():
+        for i in range(len(ds)):
+            img, lab = ds.generate(i)
+            city = ("aachen", "bochum")[i % 2] if split == "train" else "frankfurt"
+            stem = f"{city}_{i:06d}_000019"
+            save(os.path.join(cs, "leftImg8bit", split, city, stem + "_leftImg8bit.png"), img)
+            save(os.path.join(cs, "gtFine", split, city, stem + "_gtFine_labelTrainIds.png"), lab)
+    return gta, cs
+
+
+def layout_flags(gta, cs):
+    return ["--preset", "gta2cs", "--backbone", "swin_toy", "--source-root", gta, "--target-root", cs,
+            "--test-scale", "256", "128", "--crop", "128", "--workers", "0", "--vis", "0"]
+
+
+@pytest.fixture(scope="module")
+def layouts(tmp_path_factory):
+    """The two layouts and a source model trained for 2 iterations on GTA5 (evaluated on Cityscapes val)."""
+    root = tmp_path_factory.mktemp("layouts")
+    gta, cs = write_domain_layouts(str(root))
+    flags = layout_flags(gta, cs)
+    torch.set_num_threads(1)
+    m = U.main(["--stage", "source", *flags, "--scale", "256", "128", "--iters", "2", "--batch-size", "2",
+                "--work-dir", str(root / "source")])
+    assert 0 <= m["mIoU"] <= 100
+    return root, gta, cs, str(root / "source" / "last.pt")
+
+
+AUDIT = r"""
+import json, sys
+sys.path.insert(0, {root!r})
+opened = []
+def hook(event, args):
+    if event == "open" and isinstance(args[0], str):
+        f, in_eval = sys._getframe(1), False
+        while f is not None:
+            in_eval = in_eval or (f.f_code.co_name == "evaluate" and f.f_code.co_filename.endswith("segment.py"))
+            f = f.f_back
+        opened.append((args[0], in_eval))
+sys.addaudithook(hook)
+import uni_uvpt
+for argv in {runs!r}:
+    uni_uvpt.main(argv)
+json.dump(opened, open({out!r}, "w"))
+"""
+
+
+def test_pseudo_and_adapt_are_source_free(layouts, tmp_path):
+    """Every file opened by --stage pseudo and --stage adapt, recorded by an audit hook: no GTA5 file at
+    all, no Cityscapes train label, Cityscapes val labels only inside the evaluation."""
+    root, gta, cs, source = layouts
+    flags = ["--preset", "gta2cs", "--backbone", "swin_toy", "--target-root", cs, "--test-scale", "256", "128",
+             "--crop", "128", "--workers", "0", "--vis", "0"]
+    runs = [["--stage", "pseudo", *flags, "--source-checkpoint", source, "--pseudo-dir", str(tmp_path / "pl"),
+             "--work-dir", str(tmp_path / "p")],
+            ["--stage", "adapt", *flags, "--source-checkpoint", source, "--pseudo-dir", str(tmp_path / "pl"),
+             "--scale", "256", "128", "--iters", "2", "--batch-size", "1", "--eval-interval", "2",
+             "--curve-interval", "1", "--queue", "2", "--work-dir", str(tmp_path / "a")]]
+    out = tmp_path / "opened.json"
+    code = AUDIT.format(root=ROOT, runs=runs, out=str(out))
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    opened = [(os.path.realpath(p), ev) for p, ev in json.load(open(out))]
+    gta, cs = os.path.realpath(gta), os.path.realpath(cs)
+    assert not [p for p, _ in opened if p.startswith(gta + os.sep)]
+    assert not [p for p, _ in opened if p.startswith(os.path.join(cs, "gtFine", "train"))]
+    val_labels = [ev for p, ev in opened if p.startswith(os.path.join(cs, "gtFine", "val"))]
+    assert val_labels and all(val_labels)                              # read, and only while evaluating
+    train_images = {p for p, _ in opened if p.startswith(os.path.join(cs, "leftImg8bit", "train"))}
+    assert len(train_images) == 4                                      # the hook does see what is read
+    assert len(os.listdir(tmp_path / "pl" / "aachen")) == 2 and (tmp_path / "a" / "last.pt").exists()
+
+
+def test_bad_inputs_fail_with_one_clear_error(layouts, tmp_path):
+    root, gta, cs, source = layouts
+    flags = ["--preset", "gta2cs", "--backbone", "swin_toy", "--target-root", cs, "--test-scale", "256", "128",
+             "--crop", "128", "--workers", "0", "--vis", "0", "--source-checkpoint", source]
+    pl = tmp_path / "pl"
+    U.main(["--stage", "pseudo", *flags, "--pseudo-dir", str(pl), "--work-dir", str(tmp_path / "p")])
+    adapt = ["--stage", "adapt", *flags, "--pseudo-dir", str(pl), "--scale", "256", "128", "--iters", "1",
+             "--batch-size", "1", "--work-dir", str(tmp_path / "a")]
+    # a pseudo-label folder that does not match the target train split: a file missing, then one extra
+    victim = sorted((pl / "bochum").iterdir())[0]
+    os.rename(victim, tmp_path / "aside.png")
+    with pytest.raises(UserError, match=r"does not match the target train split \(4 images\): 1 missing"):
+        U.main(adapt)
+    os.rename(tmp_path / "aside.png", victim)
+    (pl / "frankfurt").mkdir()
+    Image.fromarray(np.zeros((128, 256), np.uint8)).save(pl / "frankfurt" / "frankfurt_000000_000019_gtFine_labelTrainIds.png")
+    with pytest.raises(UserError, match="1 not of this split"):
+        U.main(adapt)
+    # pseudo labels written again into a folder that holds some: refused, nothing overwritten
+    before = {p: p.read_bytes() for p in pl.rglob("*.png")}
+    with pytest.raises(UserError, match="is not empty"):
+        U.main(["--stage", "pseudo", *flags, "--pseudo-dir", str(pl), "--work-dir", str(tmp_path / "p2")])
+    assert {p: p.read_bytes() for p in pl.rglob("*.png")} == before
+    (pl / "frankfurt" / "frankfurt_000000_000019_gtFine_labelTrainIds.png").unlink()
+    # a source checkpoint of the other backbone
+    with pytest.raises(UserError, match="holds a Swin backbone, but --backbone mit_toy"):
+        U.main([*adapt, "--backbone", "mit_toy"])
+    # an input size the adapter cannot take: the test scale, then the crop
+    with pytest.raises(UserError, match=r"--test-scale 200 100: .* become 100x200, .* multiples of 64"):
+        U.main([*adapt, "--test-scale", "200", "100"])
+    with pytest.raises(SystemExit):
+        U.get_args([*adapt, "--crop", "192"])
+    assert not (tmp_path / "a" / "last.pt").exists() and not (tmp_path / "a" / "best.pt").exists()
