@@ -120,7 +120,7 @@ def get_args(argv=None):
     a("--eval-interval", type=int, default=None, help="evaluate on the target val split every N iterations (2000)")
     a("--ckpt-interval", type=int, default=2000, help="write last.pt every N iterations")
     a("--log-interval", type=int, default=50)
-    a("--num-samples", type=int, default=None, help="synthetic only: images per training split (64; val 32)")
+    a("--num-samples", type=int, default=None, help="synthetic only: images of the training splits (64; val: half)")
     a("--workers", type=int, default=2, help="data-loading processes per training process")
     a("--seed", type=int, default=0)
     a("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -790,7 +790,8 @@ def subset_miou(iou, classes):
 def target_split(args, split, transform, with_labels):
     pr = PRESETS[args.preset]
     if args.preset == "synthetic":
-        n = (args.num_samples or 64) if split == "train" else 32
+        n = args.num_samples or 64
+        n = n if split == "train" else max(4, n // 2)
         return SyntheticSeg(n, pr["num_classes"], size=(128, 128), split=split, transform=transform, seed=args.seed,
                             domain="target", with_labels=with_labels)
     return build_dataset(pr["target"], args.target_root, split, transform, with_labels=with_labels)

@@ -604,3 +604,61 @@ def test_bad_inputs_fail_with_one_clear_error(layouts, tmp_path):
     with pytest.raises(SystemExit):
         U.get_args([*adapt, "--crop", "192"])
     assert not (tmp_path / "a" / "last.pt").exists() and not (tmp_path / "a" / "best.pt").exists()
+
+
+# ----------------------------------------------------------------------------------------------------
+# the synthetic domain pair: two processes, exact resume
+
+SYN = ["--preset", "synthetic", "--workers", "0", "--vis", "0"]
+
+
+@pytest.fixture(scope="module")
+def random_source(tmp_path_factory):
+    """A source model as --stage source writes it (random weights: what matters here is the plumbing)."""
+    path = tmp_path_factory.mktemp("src") / "source.pt"
+    torch.manual_seed(0)
+    atomic_save({"model": U.build_model(toy_args("source"), 6).state_dict(), "iter": 0}, path)
+    return str(path)
+
+
+def test_two_processes_write_the_pseudo_labels_of_one(random_source, tmp_path):
+    common = ["--stage", "pseudo", *SYN, "--num-samples", "6", "--source-checkpoint", random_source]
+    U.main([*common, "--pseudo-dir", str(tmp_path / "one"), "--work-dir", str(tmp_path / "w1")])
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "uni_uvpt.py", *common, "--pseudo-dir", str(tmp_path / "two"), "--work-dir", str(tmp_path / "w2")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    one = sorted(p.name for p in (tmp_path / "one").glob("*.png"))
+    assert len(one) == 6 and one == sorted(p.name for p in (tmp_path / "two").glob("*.png"))
+    for name in one:
+        a, b = (np.array(Image.open(tmp_path / d / name)) for d in ("one", "two"))
+        assert a.shape == (128, 128) and np.array_equal(a, b), name
+    assert json.load(open(tmp_path / "two" / "pseudo_labels.json"))["images"] == 6
+
+
+def test_adapt_resumes_exactly_with_the_correction_state(random_source, tmp_path):
+    """4 images at batch 2: an epoch is 2 iterations, so the correction runs from iteration 2 on."""
+    pl = tmp_path / "pl"
+    U.main(["--stage", "pseudo", *SYN, "--num-samples", "4", "--source-checkpoint", random_source,
+            "--pseudo-dir", str(pl), "--work-dir", str(tmp_path / "p")])
+    common = ["--stage", "adapt", *SYN, "--num-samples", "4", "--source-checkpoint", random_source,
+              "--pseudo-dir", str(pl), "--iters", "8", "--batch-size", "2", "--curve-interval", "1", "--queue", "2",
+              "--eval-interval", "100", "--ckpt-interval", "100", "--lr", "1e-3"]
+    U.main([*common, "--work-dir", str(tmp_path / "a")])
+    U.main([*common, "--work-dir", str(tmp_path / "b"), "--stop-at", "4"])
+    assert load_checkpoint(tmp_path / "b" / "last.pt")["iter"] == 4
+    U.main([*common, "--work-dir", str(tmp_path / "b"), "--resume"])
+    a, b = (load_checkpoint(tmp_path / d / "last.pt") for d in ("a", "b"))
+    assert a["iter"] == b["iter"] == 8
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    ca, cb = a["correction"], b["correction"]
+    assert len(ca["history"]) == 8 and ca["thresholds"].abs().sum() > 0       # the 2-crop queue is full at once
+    assert torch.equal(ca["history"].nan_to_num(-1), cb["history"].nan_to_num(-1))
+    for key in ("labels", "preds", "confs"):
+        assert sorted(ca[key]) == sorted(cb[key]) == [0, 1, 2, 3]
+        for i in ca[key]:
+            assert torch.equal(ca[key][i], cb[key][i]), (key, i)
+    for key in ("updating", "last_iter", "last_idx", "filled", "pos"):
+        assert ca[key] == cb[key], key
+    assert torch.equal(ca["thresholds"], cb["thresholds"])
