@@ -5,7 +5,48 @@ Segmentation". Official code: github.com/huawei-noah/noah-research, folder uni-u
 `mmseg_custom/models/backbones/{adapter_modules,swin_prompt,mix_transformer_prompt}.py`,
 `models/segmentors/encoder_decoder_prompt.py`, `models/losses/{JSD_loss,GtA_losses}.py`,
 `core/hook/online_pseudo_update_hook.py`, `configs/**`, `launcher_*.py`. Spec: shared/papers/uni_uvpt.md,
-corrected by shared/papers/audit_atp_uni_uvpt.md (section B).
+corrected by shared/papers/audit_atp_uni_uvpt.md (section B). A frozen source model (Swin-B or MiT-B5 +
+DAFormer head) gets a prompt adapter between its stages and is self-trained on the target alone.
+
+    # 1. source model (Standard Single Source): Swin-B from ImageNet on GTA5, evaluated on Cityscapes val
+    python uni_uvpt.py --stage source --preset gta2cs --backbone swin_b --source-root data/gta \
+        --target-root data/cityscapes --pretrained pretrained/swin_base_patch4_window7_224_20220317-e9b98025.pth \
+        --work-dir work_dirs/gta_swin_source
+    # 2. offline pseudo labels of the Cityscapes train split (source data never read from here on)
+    python uni_uvpt.py --stage pseudo --preset gta2cs --backbone swin_b --target-root data/cityscapes \
+        --source-checkpoint work_dirs/gta_swin_source/best.pt --pseudo-dir work_dirs/gta_swin_pseudo
+    # 3. adaptation: prompt adapter + head + scale logits on the target, the backbone frozen
+    python uni_uvpt.py --stage adapt --preset gta2cs --backbone swin_b --target-root data/cityscapes \
+        --source-checkpoint work_dirs/gta_swin_source/best.pt --pseudo-dir work_dirs/gta_swin_pseudo \
+        --work-dir work_dirs/gta_swin_uvpt
+    # the published source models (SSS_*.pth, GtA_*.pth) serve as --source-checkpoint as they are;
+    # evaluate a published adapted model:
+    python uni_uvpt.py --stage adapt --preset syn2cs --backbone mit_b5 --target-root data/cityscapes \
+        --eval-only --checkpoint GtA_MiT-B5_Synthia_Cityscapes_Uni-UVPT_LP_53.8_60.1.pth
+    # quick start without files (toy Swin, the synthetic domain pair): see the README
+    # several processes: torchrun --nproc_per_node=N uni_uvpt.py ... (the global batch is split over them)
+
+Choices where the release is broken, silent or odd (spec section 9, audit B.2 / B.4), each followed here:
+- the backbone is frozen, as the paper says (the launcher trains it: --unfreeze-backbone); its stochastic
+  depth stays active (the model trains in train mode); SPM's conv4 is computed and unused; MiT owns a
+  level embedding that it never adds; next-stage prompts come from a stage's input prompts, not from the
+  extractor's output; the prompt-feature consistency clamps raw features to (0, 1), with equal weights;
+- the prediction-consistency mask is computed per image (the code's max also runs over the batch, which
+  is the same at its batch size 1);
+- the entropy is normalised by log K (the code's 2.9444 = log 19);
+- MSDeformAttn is ViT-Adapter's (value ratio 0.5), from ops/ (the release installs the wrong repository);
+- the correction hook gets the full label map (at the resized 1024x512 frame), the crop box and the flip
+  from the data pipeline (the release reads metadata nothing produces); it starts once an epoch has
+  passed (an epoch = ceil(images / global batch) iterations); the curve fit skips classes with a NaN or
+  fewer than 4 points; predictions are stored as uint8, confidences as fp16 (the thresholds are the fp16
+  values); with several processes every process keeps the whole state, fed the whole global batch;
+- pseudo labels are written into and read from one folder (--pseudo-dir; the release: pretrain2/ vs
+  pretrain/), which must hold exactly the target train split's labels;
+- the quantile is the launcher's 0.80 (train.py's default 0.66), 80k iterations at batch 1 (train.py's
+  defaults, not the configs'), adaptation lr 6e-6 (Swin) / 4e-6 (MiT) from the launcher;
+- checkpoints are selected on the target val split every 2000 iterations (save_best, as the release);
+- Source-GtA training (six heads, seven augmentations with external assets) is not implemented: its
+  published models load, their decode_head_aug0..5 dropped.
 """
 import argparse
 import json
@@ -150,7 +191,7 @@ def get_args(argv=None):
                  "queue", "deform_heads", "conv_inplane", "head_channels"):
         if getattr(args, flag) <= 0:
             p.error(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
-    if args.crop % 128:
+    if args.crop % 128 and args.stage == "adapt":
         p.error(f"--crop {args.crop}: the adapter needs sides that are multiples of 64 at every scale, and the "
                 "target objective also runs the crop at half size: use a multiple of 128 (the paper: 512)")
     if not 0 < args.quantile < 1 or args.lr <= 0:
