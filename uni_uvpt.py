@@ -102,8 +102,8 @@ PRESETS = {
     # no files: SyntheticSeg's source and target domains, 128x128 images, 6 classes, toy backbones
     "synthetic": dict(source="synthetic", target="synthetic", source_scale=(128, 128), target_scale=(128, 128),
                       test_scale=(128, 128), num_classes=6, crop=128, backbone="swin_toy",
-                      source_lr=1e-3, adapt_lr=2e-4, source_iters=300, adapt_iters=200, warmup=30,
-                      source_batch=4, adapt_batch=2, eval_interval=100, curve_interval=5, queue=20),
+                      source_lr=1e-3, adapt_lr=2e-4, source_iters=900, adapt_iters=100, warmup=30,
+                      source_batch=4, adapt_batch=2, eval_interval=50, curve_interval=5, queue=20),
 }
 RECIPE = dict(  # the official values where a preset says nothing else
     backbone="swin_b", source_iters=400_000, warmup=1500, source_batch=2, adapt_iters=80_000, adapt_batch=1,
@@ -993,6 +993,17 @@ def _gather(t, info):
     return torch.cat(out).cpu()
 
 
+def average_buffers(model, info):
+    """BatchNorm running statistics averaged over processes before an evaluation or a save: gradients are
+    averaged by hand here (the three-scale objective is not DDP's one forward / one backward), so nothing
+    else keeps the buffers of the processes equal."""
+    if info.distributed:
+        for b in model.buffers():
+            if b.is_floating_point():
+                dist.all_reduce(b)
+                b /= info.world_size
+
+
 def run(args, info, num_classes):
     dev, pr, source = info.device, PRESETS[args.preset], args.stage == "source"
     D.seed_everything(args.seed + info.rank)
@@ -1112,7 +1123,10 @@ def run(args, info, num_classes):
             book.log(**rec)
             bar.set_postfix(loss=f"{rec['loss']:.4f}")
         due = done % args.eval_interval == 0 or done == args.iters
-        book.step_end(done, model, opt, save=done % args.ckpt_interval == 0 or done == stop,
+        save = done % args.ckpt_interval == 0 or done == stop
+        if due or save:
+            average_buffers(model, info)
+        book.step_end(done, model, opt, save=save,
                       evaluate=(lambda: run_eval(f"iter_{done}")) if due else None,
                       extra=lambda: {"correction": corr.state_dict()} if corr is not None else {})
     bar.close()
