@@ -63,7 +63,6 @@ import math
 import os
 import time
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -71,11 +70,12 @@ from tqdm import tqdm
 
 from common import dist as D
 from common.daformer import ConvModule, DAFormerHead
-from common.io import UserError, cli, load_checkpoint, load_state_dict_checked, unwrap_state_dict
+from common.io import (ArgumentParser, UserError, check_flags, cli, load_checkpoint, load_state_dict_checked,
+                       state_dict_of, work_dir_problem)
 from common.metrics import SYNTHIA13, SYNTHIA16, subset_miou
 from common.mit import MIT_SIZES, load_mit_pretrained, mit
-from common.palettes import get_palette
-from common.seg_data import MEAN, STD, SyntheticSeg, TestTransform, TrainTransform, build_dataset
+from common.palettes import class_names, get_palette
+from common.seg_data import MEAN, STD, SyntheticSeg, TestTransform, TrainTransform, build_dataset, check_files
 from common.segment import collate_single, evaluate, overlay_writer, resize
 from common.train import (RunBook, count_params, freeze_all_but, init_lr, param_groups, set_lr, summary,
                           warmup_poly_mmcv)
@@ -91,12 +91,12 @@ PRESETS = {
     "syn2cs": dict(source="synthia", source_scale=(1280, 760), subsets=True, **CS),
     **{f"cs2acdc_{c}": dict(source="cityscapes", source_scale=(1024, 512), target=f"acdc_{c}", **ACDC)
        for c in ("fog", "night", "rain", "snow")},
-    # the quick start: a tiny MiT on the synthetic domain pair (128x128 images, 6 classes)
-    "synthetic": dict(source="synthetic", target="synthetic", source_scale=(128, 128), target_scale=(128, 128),
-                      test_scale=(128, 128), source_crop=96, crop=96, iters=300,
-                      warmup=30, start_contrast=60, eval_interval=100, lr=6e-4,
+    # the quick start: a tiny MiT on the synthetic domain pair (96x96 images, 6 classes)
+    "synthetic": dict(source="synthetic", target="synthetic", source_scale=(96, 96), target_scale=(96, 96),
+                      test_scale=(96, 96), source_crop=64, crop=64, iters=200, batch_size=8,
+                      warmup=20, start_contrast=50, eval_interval=100, source_lr=6e-4, lr=6e-5,
                       arch=dict(embed_dims=(16, 32, 64, 128), depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8),
-                                sr_ratios=(4, 2, 1, 1)), head_dim=64, proj_dim=64),
+                                sr_ratios=(4, 2, 1, 1)), head_dim=32, proj_dim=32),
 }
 RECIPE = dict(iters=40_000, warmup=1500, lr=6e-5, weight_decay=0.01, batch_size=2, crop=640, source_crop=512,
               eval_interval=1000, start_contrast=1500, arch=None, head_dim=256, proj_dim=512)
@@ -104,12 +104,13 @@ RECIPE = dict(iters=40_000, warmup=1500, lr=6e-5, weight_decay=0.01, batch_size=
 CITYSCAPES_FREQ = (0.36869696, 0.06084986, 0.22824049, 0.00655399, 0.00877272, 0.01227341, 0.00207795,
                    0.0055127, 0.15928651, 0.01157818, 0.04018982, 0.01218957, 0.00135122, 0.06994545,
                    0.00267456, 0.00235192, 0.00232904, 0.00098658, 0.00413907)
+SYN_SIZE = (96, 96)
 NO_DECAY = ("pos_block", "norm")  # mmcv custom_keys decay_mult=0 (all MiT LayerNorms)
 STAGES = ("source", "align", "teach", "rank", "propagate")
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     a = p.add_argument
     a("--stage", required=True, choices=STAGES, help="source training, the steps A / T / P, or the entropy ranking")
     a("--preset", default="synthetic", choices=sorted(PRESETS), help="benchmark: source -> target")
@@ -122,6 +123,15 @@ def get_args(argv=None):
     # model
     a("--backbone", default="mit_b5", choices=sorted(MIT_SIZES), help="MiT size (paper: mit_b5)")
     a("--drop-path", type=float, default=0.1, help="MiT stochastic depth (DAFormer 0.1)")
+    a("--embed-dims", type=int, nargs=4, default=None, help="override the MiT widths (small runs)")
+    a("--depths", type=int, nargs=4, default=None, help="override the MiT depths")
+    a("--num-heads", type=int, nargs=4, default=None, help="override the MiT heads")
+    a("--sr-ratios", type=int, nargs=4, default=None, help="override the MiT spatial-reduction ratios")
+    a("--head-channels", type=int, default=None, help="DAFormer head embed / channels (256)")
+    a("--proj-channels", type=int, default=None, help="projection head output (512; its middle is 256)")
+    a("--source-scale", type=int, nargs=2, default=None, help="source keep-ratio resize (long short; preset)")
+    a("--target-scale", type=int, nargs=2, default=None, help="target training resize (long short; 1280 640)")
+    a("--test-scale", type=int, nargs=2, default=None, help="target test resize (long short; 1280 640)")
     # schedule (preset / recipe defaults)
     a("--iters", type=int, default=None, help="iterations of this step (40k)")
     a("--batch-size", type=int, default=None, help="global batch over all processes (2; P: 2 easy + 2 hard)")
@@ -145,20 +155,32 @@ def get_args(argv=None):
     a("--eval-only", action="store_true", help="evaluate --checkpoint on the target val split and exit")
     a("--checkpoint", default=None, help="with --eval-only: ours (best.pt / last.pt) or an official ATP file")
     a("--summary", action="store_true", help="print parameter counts per module group and exit (no data)")
-    a("--vis", type=int, default=8, help="colour overlays written to work-dir/vis per evaluation")
+    a("--vis", type=int, default=8, help="image | truth | prediction pictures in work-dir/vis per evaluation")
+    a("--skip-data-check", action="store_true", help="do not open every file's header before training")
     a("--stop-at", type=int, default=None, help="stop after this iteration as if interrupted (tests --resume)")
     args = p.parse_args(argv)
     preset = {**RECIPE, **PRESETS[args.preset]}
+    if args.stage == "source" and "source_lr" in preset and args.lr is None:
+        args.lr = preset["source_lr"]  # the synthetic source model learns from scratch
     for k in ("iters", "batch_size", "lr", "weight_decay", "warmup", "crop", "source_crop", "start_contrast",
               "eval_interval"):
         if getattr(args, k) is None:
             setattr(args, k, preset[k])
     args.class_prior = preset.get("class_prior", False) and not args.no_class_prior
-    for flag in ("iters", "batch_size", "crop", "source_crop", "eval_interval", "ckpt_interval", "log_interval"):
-        if getattr(args, flag) <= 0:
-            p.error(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
-    if args.lr <= 0 or args.warmup < 0 or args.workers < 0 or not 0 < args.easy_ratio < 1:
-        p.error("--lr must be > 0, --warmup and --workers >= 0, --easy-ratio in (0, 1)")
+    arch = dict(preset["arch"] or MIT_SIZES[args.backbone])
+    for k in ("embed_dims", "depths", "num_heads", "sr_ratios"):
+        arch[k] = tuple(getattr(args, k) or arch[k])
+    args.arch = arch
+    args.head_channels = args.head_channels or preset["head_dim"]
+    args.proj_channels = args.proj_channels or preset["proj_dim"]
+    for k in ("source_scale", "target_scale", "test_scale"):
+        setattr(args, k, tuple(getattr(args, k) or preset[k]))
+    check_flags(p, args, positive=("iters", "batch_size", "lr", "crop", "source_crop", "eval_interval",
+                                   "ckpt_interval", "log_interval", "easy_ratio", "embed_dims", "depths",
+                                   "num_heads", "sr_ratios", "head_channels", "proj_channels", "source_scale",
+                                   "target_scale", "test_scale", "num_samples"),
+                non_negative=("warmup", "weight_decay", "workers", "start_contrast", "drop_path", "vis"),
+                below_one=("easy_ratio", "drop_path"))
     if args.summary:
         return args
     synthetic = args.preset == "synthetic"
@@ -169,8 +191,15 @@ def get_args(argv=None):
     if args.stage != "source" and not (args.init or args.resume or args.eval_only):
         p.error(f"--stage {args.stage} needs --init: the previous step's checkpoint "
                 f"({'source' if args.stage == 'align' else 'align' if args.stage == 'teach' else 'teach'})")
+    for flag in ("pretrained", "init", "checkpoint", "ranking"):
+        path = getattr(args, flag)
+        if path and not os.path.isfile(path):
+            p.error(f"--{flag} {path}: file not found")
     if args.stage == "propagate" and not args.ranking and not args.eval_only:
         p.error("--stage propagate needs --ranking: the ranking.json written by --stage rank")
+    problem = None if args.eval_only else work_dir_problem(args.work_dir)
+    if problem:
+        p.error(f"--work-dir {args.work_dir}: {problem}")
     return args
 
 
@@ -206,12 +235,10 @@ class Segmentor(nn.Module):
 
 
 def build_model(args, num_classes, with_proj):
-    arch = {**RECIPE, **PRESETS[args.preset]}["arch"]
-    backbone = mit(args.backbone, drop_path_rate=args.drop_path, **(arch or {}))
-    preset = {**RECIPE, **PRESETS[args.preset]}
+    backbone = mit(args.backbone, drop_path_rate=args.drop_path, **args.arch)
     dims = backbone.embed_dims
-    head = DAFormerHead(dims, num_classes, embed_dim=preset["head_dim"], channels=preset["head_dim"])
-    proj = ProjHead(dims, mid=preset["head_dim"], out=preset["proj_dim"]) if with_proj else None
+    head = DAFormerHead(dims, num_classes, embed_dim=args.head_channels, channels=args.head_channels)
+    proj = ProjHead(dims, mid=args.head_channels, out=args.proj_channels) if with_proj else None
     return Segmentor(backbone, head, proj)
 
 
@@ -224,9 +251,7 @@ def summarize(model):
 def read_segmentor_state(path, what):
     """The student's state dict from our checkpoints ('model'), DAFormer / mmseg ones ('state_dict' with
     backbone. / decode_head.) or ATP's (UDA wrapper: model.* the student, ema_model.* the teacher)."""
-    sd = unwrap_state_dict(load_checkpoint(path, what), ("model", "state_dict"))
-    if not isinstance(sd, dict) or not sd:
-        raise UserError(f"{what} {path} holds no state dict")
+    sd = state_dict_of(load_checkpoint(path, what), f"{what} {path}", ("model", "state_dict"))
     if any(k.startswith("model.") for k in sd):
         sd = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
     return sd
@@ -292,15 +317,12 @@ def _hsv_to_rgb(h, s, v):
     return out
 
 
-def color_jitter(x, strength=0.2):
-    """kornia 0.5 ColorJitter(b=c=s=h=strength) on [0, 1] images: factors drawn per image, the four
-    operations in one random order: brightness additive (x + f - 1, f in [1-s, 1+s]), contrast x * f,
-    saturation S * f, hue H + 2 pi f (f in [-s, s]); every step clamped to [0, 1]."""
-    b = x.shape[0]
-    u = lambda lo, hi: (torch.rand(b, 1, 1, device=x.device) * (hi - lo) + lo).to(x.dtype)  # noqa: E731
-    fb, fc, fs, fh = u(1 - strength, 1 + strength), u(1 - strength, 1 + strength), \
-        u(1 - strength, 1 + strength), u(-strength, strength)
-    for op in torch.randperm(4).tolist():
+def jitter_ops(x, fb, fc, fs, fh, order):
+    """The four kornia 0.5 colour operations with given per-image factors (B,) in the given order, on
+    [0, 1] images: brightness additive (x + fb - 1), contrast x * fc, saturation S * fs, hue H + 2 pi fh;
+    each clamped to [0, 1]."""
+    fb, fc, fs, fh = (f.view(-1, 1, 1).to(x.dtype) for f in (fb, fc, fs, fh))
+    for op in order:
         if op == 0:
             x = (x + (fb - 1)[:, None]).clamp(0, 1)
         elif op == 1:
@@ -312,6 +334,15 @@ def color_jitter(x, strength=0.2):
             h, s, v = _rgb_to_hsv(x)
             x = _hsv_to_rgb(torch.remainder(h + fh * 2 * math.pi, 2 * math.pi), s, v).clamp(0, 1)
     return x
+
+
+def color_jitter(x, strength=0.2, hue=None):
+    """kornia 0.5 ColorJitter(brightness=contrast=saturation=hue=strength): factors drawn per image,
+    brightness / contrast / saturation in [1 - s, 1 + s], hue in [-s, s], one random order of the ops."""
+    b = x.shape[0]
+    u = lambda lo, hi: torch.rand(b, device=x.device) * (hi - lo) + lo  # noqa: E731
+    lo, hi, h = 1 - strength, 1 + strength, strength if hue is None else hue
+    return jitter_ops(x, u(lo, hi), u(lo, hi), u(lo, hi), u(-h, h), torch.randperm(4).tolist())
 
 
 def blur_kernel_size(n):
@@ -340,17 +371,17 @@ class StrongAug:
     """One draw per iteration of the DACS decisions (jitter if u > 0.2, blur if u > 0.5); each call then
     draws its own jitter factors and blur sigma, as the release's strong_transform does."""
 
-    def __init__(self, device, strength=0.2, jitter_p=0.2):
+    def __init__(self, device, strength=0.2, jitter_p=0.2, hue=None):
         self.mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(STD, device=device).view(1, 3, 1, 1)
-        self.strength = strength
+        self.strength, self.hue = strength, strength if hue is None else hue
         self.jitter = torch.rand(()).item() > jitter_p
         self.blur = torch.rand(()).item() > 0.5
 
     def __call__(self, x):
         """x: normalised images (B, 3, H, W); returns a new tensor (never modifies x)."""
         if self.jitter:
-            x = color_jitter(x * self.std / 255 + self.mean / 255, self.strength) * 255
+            x = color_jitter(x * self.std / 255 + self.mean / 255, self.strength, self.hue) * 255
             x = (x - self.mean) / self.std
         if self.blur:
             x = gaussian_blur(x, float(torch.empty(()).uniform_(0.15, 1.15)))
@@ -482,43 +513,28 @@ class ProtoEstimator:
 def build_data(args, stage):
     """(source train, target train without labels, target val) for what ``stage`` needs."""
     pr = {**RECIPE, **PRESETS[args.preset]}
-    test_tf = TestTransform(scale=pr["test_scale"])
+    test_tf = TestTransform(scale=args.test_scale)
     if stage == "source":
-        src_tf = TrainTransform(scale=pr["source_scale"], crop=args.source_crop, ratio_range=None)
+        src_tf = TrainTransform(scale=args.source_scale, crop=args.source_crop, ratio_range=None)
     # the target in training: resize, crop (none for ACDC: the class-balanced crop happens in the step),
     # flip; no photometric distortion, no ground truth (cat_max_ratio off)
     crop = pr["loader_crop"] if pr.get("loader_crop") else (args.crop, args.crop)
-    tgt_tf = TrainTransform(scale=pr["target_scale"], crop=crop, ratio_range=None, cat_max_ratio=1.0,
+    tgt_tf = TrainTransform(scale=args.target_scale, crop=crop, ratio_range=None, cat_max_ratio=1.0,
                             photometric=False)
     if args.preset == "synthetic":
         n = args.num_samples or 96
         nv = max(8, n // 3)
-        src = SyntheticSeg(n, 6, size=(128, 128), split="train", transform=src_tf if stage == "source" else None,
+        src = SyntheticSeg(n, 6, size=SYN_SIZE, split="train", transform=src_tf if stage == "source" else None,
                            seed=args.seed, domain="source")
-        tgt = SyntheticSeg(n, 6, size=(128, 128), split="train", transform=tgt_tf, seed=args.seed, domain="target")
-        val = SyntheticSeg(nv, 6, size=(128, 128), split="val", transform=test_tf, seed=args.seed, domain="target")
-        return (src if stage == "source" else None), _Unlabelled(tgt), val
+        tgt = SyntheticSeg(n, 6, size=SYN_SIZE, split="train", transform=tgt_tf, seed=args.seed, domain="target",
+                           with_labels=False)
+        val = SyntheticSeg(nv, 6, size=SYN_SIZE, split="val", transform=test_tf, seed=args.seed, domain="target")
+        return (src if stage == "source" else None), tgt, val
     src = build_dataset(pr["source"], args.source_root, "train", src_tf) if stage == "source" else None
     tgt = None if stage == "source" else build_dataset(pr["target"], args.target_root, "train", tgt_tf,
                                                         with_labels=False)
     val = build_dataset(pr["target"], args.target_root, "val", test_tf)
     return src, tgt, val
-
-
-class _Unlabelled(torch.utils.data.Dataset):
-    """The synthetic target's training split with its labels replaced by 255: the generator makes both,
-    the adaptation steps must see only the image (real datasets never open the label file)."""
-
-    def __init__(self, ds):
-        self.ds, self.items = ds, getattr(ds, "items", None)
-
-    def __len__(self):
-        return len(self.ds)
-
-    def __getitem__(self, key):
-        s = dict(self.ds[key])
-        s["label"] = torch.full_like(s["label"], 255)
-        return s
 
 
 class _Subset(torch.utils.data.Dataset):
@@ -653,10 +669,8 @@ STEP_FN = {"source": step_source, "align": step_align, "teach": step_teach, "pro
 def rank(args, info, model, target, num_classes):
     """Mean of -p log2 p / log2 C over classes and pixels of every target training image (whole image
     at the test scale, eval mode), ascending: the first easy_ratio are easy. Writes ranking.json."""
-    pr = {**RECIPE, **PRESETS[args.preset]}
-    tf = TestTransform(scale=pr["test_scale"])
-    base = target.ds if isinstance(target, _Unlabelled) else target
-    base.transform = tf
+    tf = TestTransform(scale=args.test_scale)
+    target.transform = tf
     model.eval()
     idx = list(range(info.rank, len(target), info.world_size))
     scores = []
@@ -669,7 +683,7 @@ def rank(args, info, model, target, num_classes):
         torch.distributed.all_gather_object(gathered, scores)
     order = sorted((s for part in gathered for s in part), key=lambda t: (t[1], t[0]))
     n_easy = int(len(order) * args.easy_ratio)
-    names = sample_names(base)
+    names = sample_names(target)
     out = {"preset": args.preset, "num_images": len(order), "easy_ratio": args.easy_ratio,
            "easy": [names[i] for i, _ in order[:n_easy]], "hard": [names[i] for i, _ in order[n_easy:]],
            "scores": {names[i]: s for i, s in order}}
@@ -693,7 +707,7 @@ def read_ranking(path, target):
         easy, hard = list(r["easy"]), list(r["hard"])
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"--ranking {path} is not a ranking.json of --stage rank ({type(e).__name__}: {e})") from None
-    names = sample_names(target.ds if isinstance(target, _Unlabelled) else target)
+    names = sample_names(target)
     where = {n: i for i, n in enumerate(names)}
     missing = [n for n in easy + hard if n not in where]
     if missing or len(easy) + len(hard) != len(names) or not easy or not hard:
@@ -723,18 +737,23 @@ def main(argv=None):
 
 def run(args, info, num_classes):
     dev = info.device
+    training = not args.eval_only and args.stage != "rank"
+    book = RunBook(args, info) if training else None  # the work dir: refuse clobbering, lock, resume checks
     D.seed_everything(args.seed + info.rank)
     pr = {**RECIPE, **PRESETS[args.preset]}
     source, target, val = build_data(args, args.stage)
+    if not args.skip_data_check:
+        check_files([val] if args.eval_only else [source, target, val], info)
     model = build_model(args, num_classes, with_proj=args.stage != "source")
     prior = class_prior(num_classes, dev) if args.class_prior else None
-    palette = get_palette("cityscapes" if num_classes == 19 else "synthetic", num_classes)
+    pal_name = "cityscapes" if num_classes == 19 else "synthetic"
+    palette, names = get_palette(pal_name, num_classes), class_names(pal_name, num_classes)
     val_loader = torch.utils.data.DataLoader(
         val, batch_size=1, sampler=D.ShardSampler(len(val), info.rank, info.world_size),
         num_workers=min(args.workers, 2), collate_fn=collate_single)
 
     def run_eval(tag, net):
-        vis = overlay_writer(os.path.join(args.work_dir, "vis", tag), val, palette, args.vis) \
+        vis = overlay_writer(os.path.join(args.work_dir, "vis", tag), val, palette, args.vis, names) \
             if info.is_main and args.vis else None
         m = evaluate(net, val_loader, num_classes, dev, lambda mm, x, size: infer(mm, x, size, prior),
                      info.is_main, vis)
@@ -752,7 +771,6 @@ def run(args, info, num_classes):
         load_segmentor(model, args.init, "--init", allow_missing=("auxiliary_head.",))
         return rank(args, info, model.to(dev), target, num_classes)
 
-    book = RunBook(args, info)
     if not args.resume:
         if args.stage == "source":
             if args.pretrained:
@@ -762,6 +780,7 @@ def run(args, info, num_classes):
         else:  # the previous step's student; a source model has no projection head yet (its init stays)
             load_segmentor(model, args.init, "--init", allow_missing=("auxiliary_head.",))
     model.to(dev)
+    D.broadcast_params(model)  # one model on every process: the random inits differ (seeded per rank)
     if info.distributed and dev.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if args.stage == "align" and not args.align_train_head:
@@ -774,7 +793,7 @@ def run(args, info, num_classes):
     init_lr(opt, args.lr)
 
     teacher = make_teacher(model) if args.stage != "source" else None
-    protos = ProtoEstimator(pr["proj_dim"], num_classes, dev) if args.stage == "propagate" else None
+    protos = ProtoEstimator(args.proj_channels, num_classes, dev) if args.stage == "propagate" else None
     ck = book.resume(model, opt)
     if ck is not None:
         if teacher is not None:
@@ -824,6 +843,7 @@ def run(args, info, num_classes):
             raise RuntimeError(f"loss is {parts['loss'].item()} at iteration {it}; stopping without saving")
         D.average_gradients(model)
         opt.step()
+        D.broadcast_params(model, buffers_only=True)  # rank 0's BatchNorm statistics, as DDP's broadcast_buffers
 
         done = it + 1
         if info.is_main and (done % args.log_interval == 0 or done == stop):

@@ -39,11 +39,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import dist as D
-from common.io import UserError, cli, load_checkpoint, load_state_dict_checked, unwrap_state_dict
-from common.palettes import get_palette
-from common.seg_data import DATASETS, SyntheticSeg, TestTransform, TrainTransform, build_dataset
+from common.io import (ArgumentParser, UserError, check_flags, cli, load_checkpoint, load_state_dict_checked,
+                       state_dict_of, strip_prefix, work_dir_problem)
+from common.palettes import class_names, get_palette
+from common.seg_data import DATASETS, SyntheticSeg, TestTransform, TrainTransform, build_dataset, check_files
 from common.segment import EncoderDecoder, collate_single, evaluate, overlay_writer, pad_batch, predict
-from common.swin import SWIN_SIZES, SwinBlock, SwinTransformer, load_swin_pretrained
+from common.swin import SWIN_SIZES, SwinBlock, SwinTransformer, convert_swin_state_dict, load_swin_pretrained
 from common.train import (RunBook, count_params, freeze_all_but, init_lr, param_groups, set_lr, summary,
                           warmup_poly)
 from common.upernet import FCNHead, UPerHead
@@ -85,7 +86,7 @@ NO_DECAY = ("absolute_pos_embed", "relative_position_bias_table", "norm")  # mme
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     a = p.add_argument
     a("--stage", required=True, choices=["mid", "down", "full", "adaptformer"],
       help="mid: adapters on the class-histogram task; down: ProPETL segmentation (needs --mid-checkpoint);\n"
@@ -122,7 +123,8 @@ def get_args(argv=None):
     a("--workers", type=int, default=2, help="data-loading processes per training process")
     a("--seed", type=int, default=0)
     a("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    a("--resume", action="store_true", help="continue exactly from work-dir/last.pt")
+    a("--resume", action="store_true", help="continue exactly from work-dir/last.pt (same flags; --iters may grow)")
+    a("--skip-data-check", action="store_true", help="do not check that every data file opens before training")
     a("--eval-only", action="store_true", help="evaluate --checkpoint (or work-dir/best.pt) and exit")
     a("--checkpoint", default=None, help="with --eval-only: the checkpoint to evaluate")
     a("--summary", action="store_true", help="print parameter counts per module group and exit (no data)")
@@ -143,7 +145,37 @@ def get_args(argv=None):
     args.test_scale = tuple(args.test_scale or preset["test_scale"])
     if args.dataset != "synthetic" and not args.summary and not args.data_root:
         p.error(f"--data-root is required for --dataset {args.dataset}")
+    validate(p, args)
     return args
+
+
+def validate(p, args):
+    """Every flag a user can get wrong, refused with parser.error before any work."""
+    check_flags(p, args, positive=("iters", "batch_size", "lr", "eval_interval", "ckpt_interval", "log_interval",
+                                   "crop", "scale", "test_scale", "reduction", "head_channels", "window_size",
+                                   "embed_dim", "depths", "num_heads", "num_samples", "stop_at"),
+                non_negative=("weight_decay", "warmup", "workers", "vis"), below_one=("drop_path",))
+    if len(args.crop) != 2 or any(c < 1 for c in args.crop):
+        p.error(f"--crop {' '.join(map(str, args.crop))}: expected one or two positive sizes (h [w])")
+    if args.num_classes is not None and args.num_classes < 2:
+        p.error(f"--num-classes {args.num_classes}: expected 2 or more (background and one class)")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.batch_size % world:
+        p.error(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
+    sync_bn = world > 1 and args.device != "cpu" and torch.cuda.is_available()
+    if args.stage != "mid" and not args.eval_only and args.batch_size // world < 2 and not sync_bn:
+        p.error(f"--batch-size {args.batch_size}: {args.batch_size // world} image(s) per process, but BatchNorm in "
+                "the UperNet and FCN heads needs 2 or more per step (SyncBN pools them on GPUs under torchrun)")
+    if args.eval_only and (args.stage == "mid" or args.resume):
+        p.error("--eval-only evaluates a segmentation checkpoint: not with --stage mid, nor with --resume")
+    for flag in ("pretrained", "mid_checkpoint", "checkpoint"):
+        path = getattr(args, flag)
+        if path and not args.summary and not os.path.isfile(path):
+            p.error(f"--{flag.replace('_', '-')} {path}: file not found")
+    if not args.summary:
+        problem = work_dir_problem(args.work_dir)
+        if problem:
+            p.error(f"--work-dir {args.work_dir}: {problem}")
 
 
 def _pair(v):
@@ -264,21 +296,33 @@ def load_weights(args, model):
     """Pre-trained Swin into the backbone; for --stage down, the midstream adapters on top (frozen)."""
     if args.pretrained:
         load_swin_pretrained(model.backbone, args.pretrained, allow_missing=("adaptmlp",))
-    elif args.dataset != "synthetic":
+    elif args.dataset != "synthetic" and int(os.environ.get("RANK", "0")) == 0:
         print("warning: no --pretrained: the Swin backbone starts from random weights (the paper uses "
               "swin_large_patch4_window7_224_22k.pth)", file=sys.stderr)
     if args.stage == "down":
-        if not args.mid_checkpoint:
-            raise UserError("--stage down needs --mid-checkpoint (the midstream run's last.pt)")
-        sd = unwrap_state_dict(load_checkpoint(args.mid_checkpoint, "--mid-checkpoint"))
-        # ours: backbone.layers.i.blocks.j.adaptmlp.* ; official mmseg run: backbone.stages.i.blocks.j.adaptmlp.*
-        mid = {k.split("backbone.", 1)[-1].replace("stages.", "layers.", 1): v for k, v in sd.items()
-               if ".adaptmlp." in k}
+        source = f"--mid-checkpoint {args.mid_checkpoint}"  # given: run() checks it first
+        sd = from_official(state_dict_of(load_checkpoint(args.mid_checkpoint, "--mid-checkpoint"), source))
+        mid = {k[len("backbone."):]: v for k, v in sd.items() if ".adaptmlp." in k and k.startswith("backbone.")}
         if not mid:
-            raise UserError(f"--mid-checkpoint {args.mid_checkpoint} holds no midstream adapter weights "
-                            "(keys '...adaptmlp...'); is it the midstream run's checkpoint?")
-        load_state_dict_checked(model.backbone, mid, f"--mid-checkpoint {args.mid_checkpoint}",
-                                expect=lambda k: ".adaptmlp." in k)
+            raise UserError(f"{source} holds no midstream adapter weights (keys '...adaptmlp...'); is it the "
+                            "midstream run's checkpoint?")
+        load_state_dict_checked(model.backbone, mid, source, expect=lambda k: ".adaptmlp." in k)
+
+
+def from_official(sd):
+    """The official mmseg checkpoints (iter_*.pth: 'state_dict' with mmseg's Swin names stages.i.blocks.j
+    .attn.w_msa / ffn.layers / patch_embed.projection and the unfold channel order of patch merging,
+    converted by common.swin) -> this file's names. The official midstream code keeps its head inside the
+    backbone (backbone.final_proj*): moved to the top level, as MidstreamModel has it. Ours pass unchanged."""
+    sd = strip_prefix(sd, "module.")
+    bb = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
+    if not any(k.startswith(("stages.", "patch_embed.projection.")) for k in bb):
+        return sd
+    out = {k: v for k, v in sd.items() if not k.startswith("backbone.")}
+    out.update({k: v for k, v in bb.items() if k.startswith("final_proj")})
+    swin = convert_swin_state_dict({k: v for k, v in bb.items() if not k.startswith("final_proj")})
+    out.update({"backbone." + k: v for k, v in swin.items()})
+    return out
 
 
 def summarize(model):
@@ -333,22 +377,25 @@ def main(argv=None):
 def run(args, info, num_classes):
     dev = info.device
     D.seed_everything(args.seed + info.rank)
-    if args.batch_size % info.world_size:
-        raise UserError(f"--batch-size {args.batch_size} is not divisible by the {info.world_size} processes")
     per_rank = args.batch_size // info.world_size
+    if args.stage == "down" and not (args.mid_checkpoint or args.resume or args.eval_only):
+        raise UserError("--stage down needs --mid-checkpoint (the midstream run's last.pt or the official iter_*.pth)")
+    # refuses a work dir holding a run unless --resume, locks it, checks a resume's flags: before any work
+    book = None if args.eval_only else RunBook(args, info)
     train_set, val_set = build_data(args)
     if len(train_set) == 0:
         raise UserError(f"--data-root {args.data_root}: the training split is empty")
+    if not args.skip_data_check:
+        check_files([val_set] if args.eval_only else [train_set, val_set], info)
 
     model = build_model(args, num_classes)
     if args.eval_only:
         ck_path = args.checkpoint or os.path.join(args.work_dir, "best.pt")
-        ck = load_checkpoint(ck_path, "--checkpoint")
-        load_state_dict_checked(model, unwrap_state_dict(ck, ("model", "state_dict")), f"--checkpoint {ck_path}")
-    else:
-        book = RunBook(args, info)  # refuses a work dir holding a run unless --resume
-        if not args.resume:
-            load_weights(args, model)
+        source = f"--checkpoint {ck_path}"
+        sd = from_official(state_dict_of(load_checkpoint(ck_path, "--checkpoint"), source, ("model", "state_dict")))
+        load_state_dict_checked(model, sd, source)
+    elif not args.resume:
+        load_weights(args, model)
     model.to(dev)
     if info.distributed and dev.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # SyncBN as the configs (GPU only)
@@ -362,16 +409,16 @@ def run(args, info, num_classes):
         num_workers=min(args.workers, 2), collate_fn=collate_single)
     palette = get_palette(PALETTE_OF.get(args.dataset, "synthetic"), num_classes)
 
+    names = class_names(PALETTE_OF.get(args.dataset, "synthetic"), num_classes)
+
     def run_eval(tag):
-        vis = overlay_writer(os.path.join(args.work_dir, "vis", tag), val_set, palette, args.vis) \
+        vis = overlay_writer(os.path.join(args.work_dir, "vis", tag), val_set, palette, args.vis, names) \
             if info.is_main and args.vis else None
         infer = functools.partial(_infer, num_classes=num_classes, mode=args.eval_mode, crop=args.crop,
                                   stride=tuple(c * 2 // 3 for c in args.crop))
         return evaluate(D.unwrap(model), val_loader, num_classes, dev, infer, info.is_main, vis)
 
     if args.eval_only:
-        if args.stage == "mid":
-            raise UserError("--eval-only evaluates segmentation; the midstream stage has no evaluation")
         m = run_eval("eval")
         if info.is_main:
             print(f"mIoU {m['mIoU']:.2f}  mAcc {m['mAcc']:.2f}  aAcc {m['aAcc']:.2f}")

@@ -45,7 +45,6 @@ Choices where the official code is odd (spec section 6), and what this file does
 - --opt adamw exists for the from-scratch CPU quick start only (SGD needs far more steps there); the
   recipe is SGD, momentum 0.9, lr = blr * total batch / 256, warmup then cosine per iteration, AMP on GPU.
 """
-import argparse
 import math
 import os
 from functools import partial
@@ -58,8 +57,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import dist as D
-from common.io import JsonLog, UserError, cli, load_checkpoint, load_state_dict_checked
-from common.train import (freeze_all_but, init_lr, param_groups, resume_state, save_state, set_lr, summary,
+from common.io import (ArgumentParser, JsonLog, UserError, check_flags, cli, load_checkpoint, load_state_dict_checked,
+                       state_dict_of, work_dir_problem)
+from common.train import (RunBook, freeze_all_but, init_lr, param_groups, read_run_checkpoint, set_lr, summary,
                           warmup_cosine)
 from common.video_swin import ARCHS, Mlp, SwinBlock3D, SwinTransformer3D, WindowAttention3D, load_pretrained
 
@@ -72,7 +72,7 @@ ALIASES = {"hmdb": "HMDB51", "ucf": "UCF101", "sthv2": "SSV2", "something-someth
 # arguments (the README's values as defaults)
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="V-PETL on Video Swin: adapters and PATT for action recognition")
+    p = ArgumentParser(description="V-PETL on Video Swin: adapters and PATT for action recognition")
     a = p.add_argument
     # data
     a("--data-set", "--data_set", "--dataset", default="synthetic",
@@ -130,7 +130,8 @@ def get_args(argv=None):
     a("--no-amp", action="store_true", help="fp32 on the GPU (AMP is used only where a GPU is)")
     # run
     a("--work-dir", "--output-dir", "--output_dir", default="work_dirs/vpetl")
-    a("--resume", action="store_true", help="continue from work-dir/last.pt")
+    a("--resume", action="store_true", help="continue from work-dir/last.pt (same flags; --epochs may grow)")
+    a("--skip-data-check", action="store_true", help="do not open every video's header before training")
     a("--eval-only", action="store_true", help="multi-view test of --checkpoint, no training")
     a("--checkpoint", default=None, help="checkpoint for --eval-only (this script's best.pt / last.pt)")
     a("--summary", action="store_true", help="print parameter counts per group and exit")
@@ -144,20 +145,43 @@ def get_args(argv=None):
     key = args.data_set.lower()
     args.data_set = names.get(key) or ALIASES.get(key) or args.data_set
     if args.data_set not in DATASETS:
-        raise UserError(f"--data-set {args.data_set}: expected one of {', '.join(DATASETS)}")
+        p.error(f"--data-set {args.data_set}: expected one of {', '.join(DATASETS)}")
     args.model = ALIASES.get(args.model, args.model)
     if args.model not in ARCHS:
-        raise UserError(f"--model {args.model}: expected one of {', '.join(ARCHS)} (or swin_transformer)")
+        p.error(f"--model {args.model}: expected one of {', '.join(ARCHS)} (or swin_transformer)")
     if str(args.tuned_backbone_layer_fc).lower() not in ("true", "false", "1", "0"):
-        raise UserError(f"--tuned-backbone-layer-fc {args.tuned_backbone_layer_fc}: expected True or False")
+        p.error(f"--tuned-backbone-layer-fc {args.tuned_backbone_layer_fc}: expected True or False")
     args.tbl_fc = str(args.tuned_backbone_layer_fc).lower() in ("true", "1")
     args.nb_classes = args.nb_classes or DATASETS[args.data_set]
     args.short_side_size = args.short_side_size or args.input_size
-    if args.short_side_size < args.input_size:
-        raise UserError(f"--short-side-size {args.short_side_size} must be at least --input-size {args.input_size}")
-    if args.num_frames < 2 or args.test_num_segment < 1 or args.test_num_crop < 1:
-        raise UserError("--num-frames must be >= 2, --test-num-segment and --test-num-crop >= 1")
+    validate(p, args)
     return args
+
+
+def validate(p, args):
+    """Every flag a user can get wrong, refused with parser.error before any work."""
+    check_flags(p, args, positive=("batch_size", "input_size", "epochs", "num_frames", "sampling_rate",
+                                   "test_num_segment", "test_num_crop", "nb_classes", "short_side_size", "ffn_num",
+                                   "att_mid_dim", "att_preseqlen", "blr", "lr", "embed_dim", "depths", "num_heads",
+                                   "window_size", "synthetic_videos", "synthetic_frames", "log_every"),
+                non_negative=("warmup_epochs", "min_lr", "weight_decay", "momentum", "num_workers"),
+                below_one=("drop_path",))
+    if args.short_side_size < args.input_size:
+        p.error(f"--short-side-size {args.short_side_size} must be at least --input-size {args.input_size}")
+    if args.num_frames < 2:
+        p.error(f"--num-frames {args.num_frames}: expected 2 or more")
+    if args.warmup_epochs > args.epochs:
+        p.error(f"--warmup-epochs {args.warmup_epochs} is more than --epochs {args.epochs}")
+    if args.eval_only and args.resume:
+        p.error("--eval-only tests --checkpoint; it does not go with --resume")
+    for flag in ("finetune", "checkpoint"):
+        path = getattr(args, flag)
+        if path and not args.summary and not os.path.isfile(path):
+            p.error(f"--{flag} {path}: file not found")
+    if not args.summary:
+        problem = work_dir_problem(args.work_dir)
+        if problem:
+            p.error(f"--work-dir {args.work_dir}: {problem}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -647,9 +671,15 @@ def run(args):
 
     info = D.setup(args.device)
     D.seed_everything(args.seed + info.rank)
-    log = JsonLog(os.path.join(args.work_dir, "log.jsonl") if info.is_main else None)
+    # refuses a work dir holding a run unless --resume, locks it, checks a resume's flags: before any work
+    book = None if args.eval_only else RunBook(args, info, metric="top1", unit="epoch", log_prefix="val_")
+    log = book.log if book else JsonLog(os.path.join(args.work_dir, "log.jsonl") if info.is_main else None)
     if info.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    splits = {name: read_split(args, name, log, info.is_main)
+              for name in (("test",) if args.eval_only else ("train", "val", "test"))}
+    if not args.skip_data_check:
+        splits = check_videos(splits, args, info, log)
     model = build_model(args)
     if args.finetune and not (args.eval_only or args.resume):
         layout, new = load_backbone(model, args.finetune)
@@ -661,14 +691,16 @@ def run(args):
     model.to(info.device)
     amp = info.device.type == "cuda" and not args.no_amp
 
-    test_set = VideoDataset(read_split(args, "test", log, info.is_main), "test", args)
+    test_set = VideoDataset(splits["test"], "test", args)
     views = args.test_num_segment * args.test_num_crop
     test_loader = loader_for(test_set, "test", args, info, max(1, args.batch_size // views))
     if args.eval_only:
         if not args.checkpoint:
-            raise UserError("--eval-only needs --checkpoint PATH (a best.pt or last.pt of this script)")
-        ck = load_checkpoint(args.checkpoint, "--checkpoint")
-        load_state_dict_checked(model, ck.get("model", ck), args.checkpoint)
+            raise UserError("--eval-only needs --checkpoint PATH (a best.pt / last.pt of this script, or "
+                            "upstream's checkpoint-best.pth)")
+        source = f"--checkpoint {args.checkpoint}"
+        sd = from_upstream(state_dict_of(load_checkpoint(args.checkpoint, "--checkpoint"), source, ("model", "module")))
+        load_state_dict_checked(model, sd, source)
         res = evaluate(model, test_loader, args, info, log, "test")
         if info.is_main:
             print(f"test {args.checkpoint}: top-1 {res['top1']:.2f} top-5 {res['top5']:.2f} "
@@ -677,9 +709,8 @@ def run(args):
         D.cleanup()
         return res
 
-    train_set = VideoDataset(read_split(args, "train", log, info.is_main), "train", args)
-    val_loader = loader_for(VideoDataset(read_split(args, "val", log, info.is_main), "val", args), "val", args, info,
-                            args.batch_size)
+    train_set = VideoDataset(splits["train"], "train", args)
+    val_loader = loader_for(VideoDataset(splits["val"], "val", args), "val", args, info, args.batch_size)
     train_loader = loader_for(train_set, "train", args, info, args.batch_size)
     if len(train_loader) == 0:
         raise UserError(f"{len(train_set)} training videos over {info.world_size} process(es) do not fill one "
@@ -691,11 +722,9 @@ def run(args):
                  else torch.optim.AdamW(groups, lr=lr))
     init_lr(optimizer, lr)
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
-    start_epoch, best, best_epoch = 0, -1.0, -1
-    if args.resume:
-        ck = resume_state(args.work_dir, model, optimizer)
+    ck = book.resume(model, optimizer)
+    if ck and "scaler" in ck:
         scaler.load_state_dict(ck["scaler"])
-        start_epoch, best, best_epoch = ck["epoch"] + 1, ck["best_top1"], ck["best_epoch"]
     if info.is_main:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(f"{args.data_set}: {len(train_set)} train / {len(val_loader.dataset)} val / {len(test_set)} test "
@@ -705,7 +734,7 @@ def run(args):
         ddp = nn.parallel.DistributedDataParallel(
             model, device_ids=[info.local_rank] if info.device.type == "cuda" else None)
     iters = len(train_loader)
-    for epoch in range(start_epoch, args.epochs):
+    for epoch in range(book.start, args.epochs):
         train_loader.sampler.set_epoch(epoch)
         torch.manual_seed(args.seed * 100_003 + epoch * info.world_size + info.rank)  # DropPath: exact on resume
         model.train()
@@ -725,31 +754,82 @@ def run(args):
             if info.is_main and (it % args.log_every == 0 or it == iters - 1):
                 log(epoch=epoch, iter=epoch * iters + it, lr=optimizer.param_groups[0]["lr"], loss=loss.item())
         log_bad(gather_lists(epoch_bad), log, f"train epoch {epoch}")
-        val = evaluate(model, val_loader, args, info, log, f"val epoch {epoch}")
-        if val["top1"] > best:
-            best, best_epoch = val["top1"], epoch
-            if info.is_main:
-                save_state(args.work_dir, "best.pt", model, it=(epoch + 1) * iters, config=vars(args),
-                           extra={"epoch": epoch, "val": val})
-        if info.is_main:
-            save_state(args.work_dir, "last.pt", model, optimizer, (epoch + 1) * iters, vars(args),
-                       extra={"epoch": epoch, "best_top1": best, "best_epoch": best_epoch,
-                              "scaler": scaler.state_dict()})
-            log(epoch=epoch, val_top1=val["top1"], val_top5=val["top5"], val_loss=val["loss"], best_val_top1=best)
-            print(f"epoch {epoch}: val top-1 {val['top1']:.2f} top-5 {val['top5']:.2f} loss {val['loss']:.4f} "
-                  f"(best {best:.2f} at epoch {best_epoch})", flush=True)
+        # last.pt before the validation (a failing validation loses no epoch), then best.pt by top-1
+        book.step_end(epoch + 1, model, optimizer, save=True,
+                      evaluate=lambda: evaluate(model, val_loader, args, info, log, f"val epoch {epoch}"),
+                      extra={"epoch": epoch, "scaler": scaler.state_dict()})
     D.barrier()
 
     # final multi-view test on the best validation checkpoint (upstream tests the last epoch)
     best_path = os.path.join(args.work_dir, "best.pt")
-    load_state_dict_checked(model, load_checkpoint(best_path, "best checkpoint")["model"], best_path)
+    load_state_dict_checked(model, read_run_checkpoint(best_path, "best.pt")["model"], best_path)
     res = evaluate(model, test_loader, args, info, log, "test")
+    best_epoch = book.best_at - 1 if book.best_at else -1
     if info.is_main:
         print(f"test (best.pt, epoch {best_epoch}): top-1 {res['top1']:.2f} top-5 {res['top5']:.2f} "
               f"({res['videos']} videos x {views} views)")
         log(event="test", checkpoint="best.pt", best_epoch=best_epoch, views=views, **res)
+    book.release()
     D.cleanup()
     return res
+
+
+def from_upstream(sd):
+    """Upstream's checkpoint-best.pth holds the Swin itself ('model': patch_embed.*, layers.*, norm.*, fc.0.*,
+    no 'backbone.' prefix): the keys of our VideoClassifier are those with 'backbone.' before all but fc."""
+    if any(k.startswith("backbone.") for k in sd):
+        return sd
+    return {(k if k.startswith("fc.") else "backbone." + k): v for k, v in sd.items()}
+
+
+def video_header(path):
+    """None if the video opens (a file's container and a video stream, a frame folder's first frame),
+    else why not. Headers only: decoding happens when the clip is drawn."""
+    if path.startswith("synthetic://"):
+        return None
+    if os.path.isdir(path):
+        from PIL import Image
+        files = sorted(f for f in os.listdir(path) if f.lower().endswith((".jpg", ".jpeg", ".png")))
+        if not files:
+            return "folder holds no .jpg/.png frames"
+        try:
+            with Image.open(os.path.join(path, files[0])) as im:
+                im.size
+        except Exception as e:
+            return f"unreadable frame {files[0]} ({type(e).__name__})"
+        return None
+    import av
+    try:
+        with av.open(path) as container:
+            if not container.streams.video:
+                return "no video stream"
+    except Exception as e:  # FFmpegError subclasses
+        return f"cannot open ({type(e).__name__}: {getattr(e, 'strerror', None) or str(e)[:120]})"
+    return None
+
+
+def check_videos(splits, args, info, log):
+    """Before training: every video of every split opens (headers, over the processes and threads). Bad
+    ones stop the run (--bad-video error) or are left out, printed and logged (--bad-video skip)."""
+    paths = sorted({p for samples in splits.values() for p, _ in samples})
+    bad = dict(D.check_in_parallel(paths, video_header, info))
+    if not bad:
+        return splits
+    if args.bad_video == "error":
+        p = next(iter(bad))
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise UserError(f"bad video {p}: {bad[p]}{more}; found by the data check before training. Expected a "
+                        "readable video (or frame folder); --bad-video skip leaves such videos out and logs them, "
+                        "--skip-data-check skips the check", all_ranks=True)
+    out = {}
+    for name, samples in splits.items():
+        left = [(p, bad[p]) for p, _ in samples if p in bad]
+        handle_bad(left, args, f"{name} split, left out", show=info.is_main)
+        log_bad(left, log, f"{name} split, left out")
+        out[name] = [(p, label) for p, label in samples if p not in bad]
+        if not out[name]:
+            raise UserError(f"the {name} split has no readable video left", all_ranks=True)
+    return out
 
 
 def main(argv=None):

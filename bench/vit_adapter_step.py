@@ -1,11 +1,14 @@
-"""Benchmark: one training step of ViT-Adapter-T + UperNet (ADE20K config, 512x512) with our compiled
-deformable attention against the same step with the pure-PyTorch reference op, in one run; and the
-forward pass's FLOP/s as a fraction of this machine's fp32 matmul peak, measured in the same run.
+"""Benchmark: one training step of ViT-Adapter-T + UperNet (ADE20K config, 512x512), or of any other preset
+(the Mask2Former ones: ViT-Adapter + Mask2Former, whose pixel decoder adds six deformable-attention layers),
+with our compiled deformable attention against the same step with the pure-PyTorch reference op, in one
+run; and the forward pass's FLOP/s as a fraction of this machine's fp32 matmul peak, measured in the same run.
 
     python bench/vit_adapter_step.py                        # CPU, batch 2 (the paper's per-GPU batch)
     python bench/vit_adapter_step.py --batch 1 --repeats 2  # a quicker CPU run
     python bench/vit_adapter_step.py --device cuda          # CUDA kernel vs reference on the GPU
     python bench/vit_adapter_step.py --backbone-only        # the adapter backbone alone (no UperNet)
+    # ViT-Adapter-B (BEiT-B) + Mask2Former, the COCO-Stuff-10k config at 512x512
+    python bench/vit_adapter_step.py --preset coco_stuff10k_beit_base_mask2former --batch 1
 
 What is timed (median of --repeats after --warmup untimed steps of each, same model, same inputs; the
 two ops alternate, and so do the peak measurements, so that a machine whose speed drifts biases all alike):
@@ -123,7 +126,10 @@ def main():
     model = V.build_model(cfg, 150).to(device).train()
     opt = V.build_optimizer(cfg, model)
     img = torch.randn(args.batch, 3, args.size, args.size, device=device)
-    label = torch.randint(0, 150, (args.batch, args.size, args.size), device=device)
+    # 64x64-pixel blocks of random classes: at most 64 classes in a 512 crop, fewer than Mask2Former's 100
+    # queries, as in real crops (ToMask gives one target per class present)
+    label = torch.randint(0, 150, (args.batch, -(-args.size // 64), -(-args.size // 64)), device=device)
+    label = label.repeat_interleave(64, 1).repeat_interleave(64, 2)[:, :args.size, :args.size].contiguous()
 
     def loss_fn():
         if args.backbone_only:
@@ -142,7 +148,7 @@ def main():
     kernel = "C++ (CPU)" if device.type == "cpu" else "CUDA"
     if not build.available(device.type):
         sys.exit(f"the compiled op is not available on {device.type}: nothing to compare")
-    what = "backbone only" if args.backbone_only else "+ UperNet"
+    what = "backbone only" if args.backbone_only else f"+ {'Mask2Former' if cfg.head == 'mask2former' else 'UperNet'}"
     print(f"{args.preset} {what}, {args.batch}x3x{args.size}x{args.size}, {device}"
           f"{'' if device.type == 'cuda' else f', {torch.get_num_threads()} thread(s)'}, "
           f"median of {args.repeats} after {args.warmup} warm-up, the two ops interleaved")

@@ -77,6 +77,28 @@ def broadcast_object(obj, src=0):
     return obj
 
 
+def gather_objects(obj):
+    """[obj of rank 0, obj of rank 1, ...] on every process ([obj] in one process)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        out = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+    return [obj]
+
+
+def check_in_parallel(items, check_one, info, threads=8):
+    """Runs ``check_one(item) -> None or a reason`` over ``items`` before training: each process takes
+    every world_size-th item, threads overlap the file reads. Returns [(item, reason)] of the failures,
+    the same list on every process (in item order)."""
+    from concurrent.futures import ThreadPoolExecutor
+    mine = list(range(info.rank, len(items), info.world_size))
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        reasons = list(pool.map(lambda i: check_one(items[i]), mine))
+    bad = [(i, r) for i, r in zip(mine, reasons) if r]
+    bad = sorted(b for part in gather_objects(bad) for b in part)
+    return [(items[i], r) for i, r in bad]
+
+
 def unwrap(model):
     """The module inside DistributedDataParallel (or the model itself)."""
     return model.module if hasattr(model, "module") else model
@@ -156,3 +178,15 @@ def average_gradients(model):
         for g in grads:
             g.copy_(flat[offset:offset + g.numel()].view_as(g))
             offset += g.numel()
+
+
+def broadcast_params(model, src=0, buffers_only=False):
+    """Copies rank ``src``'s parameters and buffers to every process, as DistributedDataParallel does when
+    it wraps a model (all) and before each forward (buffers: BatchNorm statistics): scripts that average
+    gradients themselves must start from one model, not from each process's own random initialisation,
+    and keep one set of running statistics."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    with torch.no_grad():
+        for t in ([] if buffers_only else list(model.parameters())) + list(model.buffers()):
+            dist.broadcast(t.data, src=src)

@@ -46,3 +46,19 @@ class SegMetric:
             "IoU": (iou * 100).tolist(),
             "Acc": (acc * 100).tolist(),
         }
+
+
+# SYNTHIA -> Cityscapes reports the 19-way model's IoUs averaged over the classes SYNTHIA has:
+# 16 = the 19 without terrain (9), truck (14), train (16); 13 = also without wall (3), fence (4), pole (5).
+SYNTHIA16 = [0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 15, 17, 18]
+SYNTHIA13 = [0, 1, 2, 6, 7, 8, 10, 11, 12, 13, 15, 17, 18]
+
+
+def subset_miou(iou_list, classes):
+    """Mean IoU (percent, like compute()) over the class indices ``classes`` of a per-class IoU list in
+    percent (compute()["IoU"]); NaN classes (absent from prediction and label) are skipped. Uni-UVPT's
+    eval hook takes the shortcut 19 * mIoU19 / 16 instead, which is this only when the three dropped
+    classes have IoU 0 (in the labels, never predicted) and no class is NaN (the nan-mean over 19 then
+    divides by fewer classes)."""
+    iou = torch.tensor([float(iou_list[c]) for c in classes], dtype=torch.float64)
+    return torch.nanmean(iou).item()

@@ -13,14 +13,19 @@ like one made by mmseg's visualiser or ViT-Adapter's ``image_demo.py``:
   (entries 1..59 of it).
 - ``synthetic``: the VOC colour map, for ``SyntheticSeg``.
 
+``comparison`` draws what a reader needs to judge a prediction: image | ground truth | prediction side by
+side, ignored pixels as a grey checkerboard, and a legend of the classes present in either, at a size
+where it can be read (small images upscaled by an integer factor with nearest, large ones downscaled).
+
 Overlays follow mmseg's ``show_result``: ``img * (1 - opacity) + colour * opacity``, truncated to uint8;
 unlike mmseg, pixels labelled 255 (ignore) or with no colour are left as they are instead of being
 blended with black.
 """
+import math
 import os
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from .io import UserError
 
@@ -230,3 +235,114 @@ def save_overlay(path, img_rgb_uint8, pred, palette, opacity=0.5):
         Image.fromarray(out).save(path, **({"quality": 95} if jpeg else {}))
     except (OSError, ValueError) as e:
         raise UserError(f"cannot write overlay {path}: {e}") from None
+
+
+def class_names(name, num_classes):
+    """Class names of a palette / dataset name, cut or padded ('class 23') to ``num_classes``."""
+    known = CLASSES.get(_ALIASES.get(name, name), [])
+    return [known[k] if k < len(known) else f"class {k}" for k in range(num_classes)]
+
+
+def colourize(label, palette, tile=8):
+    """(H, W) class indices -> (H, W, 3) uint8 colours; pixels with no colour (255 = ignored, or past the
+    palette) get a grey checkerboard of ``tile`` pixels."""
+    label = np.asarray(label).astype(np.int64)
+    pal = np.asarray(palette, dtype=np.uint8).reshape(-1, 3)
+    ok = (label >= 0) & (label < len(pal))
+    out = pal[np.where(ok, label, 0)]
+    return np.where(ok[..., None], out, _checker(label.shape, tile))
+
+
+def _checker(shape, tile):
+    yy, xx = np.mgrid[0:shape[0], 0:shape[1]]
+    light = (yy // tile + xx // tile) % 2 == 0
+    return np.where(light[..., None], 205, 150).astype(np.uint8) * np.ones(3, np.uint8)
+
+
+def _font(size):
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError):  # an old Pillow, or no FreeType: the small bitmap font
+        return ImageFont.load_default()
+
+
+def legend(classes, palette, names, width, ignored=False, font_size=14):
+    """(h, width, 3) uint8: a swatch and 'k name' per class in ``classes``, wrapped into rows of
+    ``width`` pixels; with ``ignored``, a checkerboard swatch for the ignored pixels last."""
+    font = _font(font_size)
+    pal = np.asarray(palette, dtype=np.uint8).reshape(-1, 3)
+    sw, pad = font_size + 2, font_size // 2
+    entries = [(f"{k} {names[k] if k < len(names) else ''}".strip(), tuple(int(c) for c in pal[k]))
+               for k in classes if 0 <= k < len(pal)]
+    if ignored:
+        entries.append(("ignored (255)", None))
+    rows, x = [[]], pad
+    for text, colour in entries:
+        w = sw + 4 + int(math.ceil(font.getlength(text))) + 2 * pad
+        if x + w > width and rows[-1]:
+            rows.append([])
+            x = pad
+        rows[-1].append((x, text, colour))
+        x += w
+    row_h = sw + pad
+    im = Image.new("RGB", (width, pad + row_h * len(rows)), (255, 255, 255))
+    draw = ImageDraw.Draw(im)
+    for r, row in enumerate(rows):
+        y = pad + r * row_h
+        for x, text, colour in row:
+            if colour is None:
+                im.paste(Image.fromarray(_checker((sw, sw), max(2, sw // 4))), (x, y))
+            else:
+                draw.rectangle([x, y, x + sw - 1, y + sw - 1], fill=colour)
+            draw.rectangle([x, y, x + sw - 1, y + sw - 1], outline=(0, 0, 0))
+            draw.text((x + sw + 4, y + sw / 2), text, fill=(0, 0, 0), font=font, anchor="lm")
+    return np.asarray(im)
+
+
+def panel_scale(h, low=256, high=512):
+    """Display scale of an image of height h: an integer upscale (nearest) up to at least ``low`` pixels,
+    or a downscale to ``high`` pixels; 1 in between."""
+    if h < low:
+        return math.ceil(low / h)
+    return high / h if h > high else 1
+
+
+def comparison(img, gt, pred, palette, names, ignore_index=255):
+    """(H', W', 3) uint8: image | ground truth | prediction at a readable size (``panel_scale``), with
+    titles and a legend of the classes present in the ground truth or the prediction."""
+    img, gt, pred = np.asarray(img), np.asarray(gt), np.asarray(pred)
+    h, w = img.shape[:2]
+    s = panel_scale(h)
+    size = (max(1, round(w * s)), max(1, round(h * s)))  # PIL: (W, H)
+    resample = Image.NEAREST if s >= 1 else Image.BILINEAR
+    shown = np.asarray(Image.fromarray(img).resize(size, resample)) if s != 1 else img
+
+    def scaled(label):
+        lab = Image.fromarray(np.asarray(label).astype(np.int32))
+        return np.asarray(lab.resize(size, Image.NEAREST)) if s != 1 else np.asarray(label)
+    gt_s, pred_s = scaled(gt), scaled(pred)
+    font_size = max(14, size[1] // 28)
+    gap, title_h = 6, font_size + 8
+    width = 3 * size[0] + 2 * gap
+    canvas = Image.new("RGB", (width, title_h + size[1]), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    font = _font(font_size)
+    for i, (title, panel) in enumerate((("image", shown), ("ground truth", colourize(gt_s, palette)),
+                                        ("prediction", colourize(pred_s, palette)))):
+        x = i * (size[0] + gap)
+        canvas.paste(Image.fromarray(np.ascontiguousarray(panel)), (x, title_h))
+        draw.text((x + size[0] / 2, title_h / 2), title, fill=(0, 0, 0), font=font, anchor="mm")
+    present = sorted(set(np.unique(gt).tolist()) | set(np.unique(pred).tolist()) - {ignore_index})
+    present = [k for k in present if k != ignore_index]
+    key = legend(present, palette, names, width, ignored=bool((gt == ignore_index).any()), font_size=font_size)
+    return np.concatenate([np.asarray(canvas), key], axis=0)
+
+
+def save_image(path, array):
+    """Writes an (H, W, 3) uint8 array as PNG / JPEG (by the extension), creating the folder."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    try:
+        jpeg = os.path.splitext(path)[1].lower() in (".jpg", ".jpeg")
+        Image.fromarray(array).save(path, **({"quality": 95} if jpeg else {}))
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot write image {path}: {e}") from None

@@ -106,7 +106,7 @@ def predict(model, img, ori_size, num_classes, mode="whole", crop=None, stride=N
 def evaluate(model, loader, num_classes, device, infer=None, show_progress=True, vis=None):
     """Runs ``infer(model, img, ori_size) -> probs (1, K, H0, W0)`` over the loader (batch 1, any sizes),
     accumulates per-class areas, sums them over processes and returns the metric dict. ``vis`` is an
-    optional callable(name, pred) that writes an overlay (the caller decides how many)."""
+    optional callable(name, pred, label) that writes a picture (the caller decides how many)."""
     infer = infer or (lambda m, x, size: predict(m, x, size, num_classes))
     was_training = model.training
     model.eval()
@@ -117,24 +117,25 @@ def evaluate(model, loader, num_classes, device, infer=None, show_progress=True,
         metric.update(pred, label)
         if vis is not None:
             name = sample["name"][0] if isinstance(sample["name"], (list, tuple)) else sample["name"]
-            vis(name, pred[0].cpu())
+            vis(name, pred[0].cpu(), label[0].cpu())
     model.train(was_training)
     return metric.reduce().compute()
 
 
-def overlay_writer(out_dir, dataset, palette, limit=8):
-    """A ``vis`` callable for evaluate(): writes ``out_dir/<name>.png`` colour overlays for the first
-    ``limit`` images (the dataset re-reads the original image by name)."""
-    from .palettes import save_overlay
+def overlay_writer(out_dir, dataset, palette, limit=8, names=None):
+    """A ``vis`` callable for evaluate(): writes ``out_dir/<name>.png``, image | ground truth | prediction
+    with a legend (common.palettes.comparison), for the first ``limit`` images. The dataset re-reads the
+    original image by name; ``names`` are the class names (default: the dataset's, else numbers)."""
+    from .palettes import comparison, save_image
     from .seg_data import imread
     paths = {os.path.splitext(os.path.basename(p))[0]: p for p, _ in getattr(dataset, "items", [])}
+    names = names or getattr(dataset, "classes", None) or [str(k) for k in range(len(palette))]
     written = []
 
-    def vis(name, pred):
+    def vis(name, pred, label):
         if len(written) >= limit:
             return
         img = imread(paths[name]) if name in paths else dataset.original_image(name)
-        os.makedirs(out_dir, exist_ok=True)
-        save_overlay(os.path.join(out_dir, f"{name}.png"), img, pred.numpy(), palette)
+        save_image(os.path.join(out_dir, f"{name}.png"), comparison(img, label.numpy(), pred.numpy(), palette, names))
         written.append(name)
     return vis

@@ -1,25 +1,40 @@
 """Training-loop helpers shared by the scripts: learning-rate schedules, parameter groups, freezing,
-parameter summaries, and resumable checkpoints in ``--work-dir``."""
+parameter summaries, resumable checkpoints in ``--work-dir`` and the RunBook that guards it."""
+import atexit
+import json
 import math
 import os
+import socket
+import sys
+import time
 from collections import OrderedDict
 
 import torch
 
-from .io import UserError, atomic_save, load_checkpoint
+from .io import (DIGEST_KEY, JsonLog, RunFinished, UserError, atomic_save, describe, load_checkpoint,
+                 load_state_dict_checked, payload_digest)
 
 
 # ----------------------------------------------------------------------------------------------------
 # schedules (per iteration; return a multiplier of the base lr)
 
 def warmup_poly(it, total, warmup, power=1.0, warmup_ratio=1e-6, min_ratio=0.0):
-    """mmengine's LinearLR(start_factor=warmup_ratio, end=warmup) followed by PolyLR(power, eta_min=0)
-    to the last iteration. mmseg's Swin/ViT-Adapter/ProPETL configs all use this."""
+    """The lr factor of iteration ``it`` (0-based) under mmengine's chained
+    LinearLR(start_factor=warmup_ratio, begin=0, end=warmup) -> PolyLR(power, eta_min, begin=warmup, end=total),
+    the schedule of mmseg 1.x's Swin / ProPETL configs. Both schedulers step after every iteration and
+    use ``total_iters = end - begin - 1``: the warmup climbs linearly to 1.0 AT iteration warmup-1, the
+    poly part then falls from there to eta_min AT the last iteration total-1:
+        it < warmup:  r + (1 - r) * it / (warmup - 1)
+        it >= warmup: (f_w - m) * (1 - (it - warmup) / (total - warmup - 1)) ** power + m,
+    with f_w the factor the warmup ended on (1.0; r if warmup == 1) and m = min_ratio."""
     if warmup and it < warmup:
-        return warmup_ratio + (1.0 - warmup_ratio) * it / warmup
-    span = max(1, total - warmup)
-    progress = min(1.0, (it - warmup) / span)
-    return (1 - min_ratio) * (1.0 - progress) ** power + min_ratio
+        return warmup_ratio + (1.0 - warmup_ratio) * it / (warmup - 1) if warmup > 1 else warmup_ratio
+    start = 1.0 if warmup != 1 else warmup_ratio
+    span = total - warmup - 1  # PolyLR's total_iters
+    k = min(it - warmup, span)
+    if span <= 0:
+        return start
+    return (start - min_ratio) * (1.0 - k / span) ** power + min_ratio
 
 
 def warmup_poly_mmcv(it, total, warmup, power=1.0, warmup_ratio=1e-6, min_ratio=0.0):
@@ -110,13 +125,15 @@ def summary(model, groups):
 # resumable checkpoints in the work dir
 
 def save_state(work_dir, name, model, optimizer=None, it=0, config=None, extra=None):
-    """Writes ``work_dir/name`` atomically. The model's state dict is stored without DDP's 'module.'."""
+    """Writes ``work_dir/name`` atomically, with a SHA-256 of its content that load_checkpoint verifies.
+    The model's state dict is stored without DDP's 'module.'."""
     m = model.module if hasattr(model, "module") else model
     state = {"model": m.state_dict(), "iter": it, "config": dict(config or {})}
     if optimizer is not None:
         state["optimizer"] = optimizer.state_dict()
     if extra:
         state.update(extra)
+    state[DIGEST_KEY] = payload_digest(state)
     atomic_save(state, os.path.join(work_dir, name))
 
 
@@ -144,76 +161,252 @@ def set_rng_state(s):
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
-def resume_state(work_dir, model, optimizer=None):
-    """Loads ``work_dir/last.pt`` into model (and optimizer); returns the checkpoint dict."""
+def read_run_checkpoint(path, what="--resume"):
+    """A checkpoint this project wrote (last.pt / best.pt): a dict with 'model' weights, or one UserError."""
+    ck = load_checkpoint(path, f"{what} checkpoint")
+    if not isinstance(ck, dict) or not isinstance(ck.get("model"), dict):
+        raise UserError(f"{what}: {path} holds {describe(ck)}; expected a last.pt / best.pt written by this "
+                        "project (a dict with 'model', 'iter', 'config')")
+    return ck
+
+
+def resume_state(work_dir, model, optimizer=None, ck=None):
+    """Loads ``work_dir/last.pt`` (or the already read ``ck``) into model (and optimizer); returns it."""
     path = os.path.join(work_dir, "last.pt")
-    if not os.path.isfile(path):
-        raise UserError(f"--resume: no {path} to resume from (run once without --resume first)")
-    ck = load_checkpoint(path, "resume checkpoint")
+    if ck is None:
+        if not os.path.isfile(path):
+            raise UserError(f"--resume: no {path} to resume from (run once without --resume first)")
+        ck = read_run_checkpoint(path)
     m = model.module if hasattr(model, "module") else model
-    from .io import load_state_dict_checked
     load_state_dict_checked(m, ck["model"], path)
     if optimizer is not None and "optimizer" in ck:
-        optimizer.load_state_dict(ck["optimizer"])
+        try:
+            optimizer.load_state_dict(ck["optimizer"])
+        except (ValueError, KeyError) as e:
+            raise UserError(f"--resume: the optimizer state in {path} does not fit this run's parameter groups "
+                            f"({e}); were other parameters trained?") from None
     return ck
 
 
 # ----------------------------------------------------------------------------------------------------
-# the bookkeeping around an iteration-based training loop (the loop itself stays in each script)
+# the bookkeeping around a training loop (the loop itself stays in each script)
+
+# flags that may change on --resume: they change neither the model, nor the data, nor the schedule
+# (--iters / --epochs may grow: the run goes on; a smaller value is refused)
+HARMLESS_ON_RESUME = frozenset({
+    "work_dir", "resume", "workers", "num_workers", "log_interval", "log_every", "device", "stop_at", "iters",
+    "epochs", "skip_data_check", "vis", "eval_interval", "ckpt_interval", "summary", "eval_only", "checkpoint",
+    "dist_eval", "bad_video", "demo", "palette", "opacity"})
+LOCK = "run.lock"
+
 
 class RunBook:
-    """What every segmentation script does around its loop, written once: refuse to overwrite a run in
-    ``--work-dir``, resume from ``last.pt``, log JSON lines, write ``last.pt`` (before evaluating, so an
-    evaluation that fails loses no training) and keep ``best.pt`` by the evaluation metric.
+    """What every script does around its loop, written once.
 
-        book = RunBook(args, info)                  # args: work_dir, resume
-        ck = book.resume(model, opt)                # None for a new run; book.start is the first iteration
-        for it in range(book.start, stop):
+    Before any work (``RunBook(args, info)``, right after ``common.dist.setup``; rank 0 checks, every
+    process gets the verdict, so all of them stop alike):
+      - refuses a ``--work-dir`` holding last.pt / best.pt unless ``--resume``;
+      - takes ``work_dir/run.lock`` (pid, host, start time, command): a second run in the same folder is
+        refused; a lock whose process is gone is stale and replaced;
+      - removes ``.tmp_*`` files an interrupted atomic write left behind;
+      - with ``--resume``: reads last.pt (SHA-256 verified), refuses flags that differ from those it was
+        trained with (all but HARMLESS_ON_RESUME), says so if the run is finished (``RunFinished``), and
+        cuts log.jsonl back to last.pt's step (the lines logged after it would be logged again).
+    Around the loop:
+        book = RunBook(args, info)                  # unit "iter" (total args.iters) or "epoch" (args.epochs)
+        ck = book.resume(model, opt)                # None for a new run; book.start = steps already done
+        for step in range(book.start, total):
             ...                                     # forward, the paper's loss, step
-            book.step_end(it + 1, model, opt, save=..., evaluate=run_eval if due else None, extra=...)
-        book.finish()
+            book.step_end(step + 1, model, opt, save=..., evaluate=run_eval if due else None, extra=...)
+        book.finish()                               # final line, releases the lock
 
-    Only rank 0 writes; every rank must call step_end with the same ``evaluate`` (evaluation is
-    collective). ``extra`` (a dict or a callable returning one) is stored in last.pt beside the model
-    and optimizer, e.g. an EMA teacher or the state of a pseudo-label hook.
+    ``step_end`` writes last.pt BEFORE evaluating (an evaluation that fails loses no training), then runs
+    ``evaluate() -> metrics`` (collective: every process passes the same), logs it and keeps best.pt by
+    ``metric``. Only rank 0 writes. ``extra`` (a dict or a callable returning one) is stored in last.pt
+    beside the model and optimizer, e.g. an EMA teacher or a GradScaler.
     """
 
-    def __init__(self, args, info, metric="mIoU"):
-        self.args, self.info, self.metric = args, info, metric
+    def __init__(self, args, info, metric="mIoU", unit="iter", total=None, log_prefix="", harmless=()):
+        self.args, self.info, self.metric, self.unit, self.log_prefix = args, info, metric, unit, log_prefix
+        self.total = total if total is not None else getattr(args, "iters" if unit == "iter" else "epochs")
         self.work_dir = args.work_dir
-        self.start, self.best, self.last_metrics = 0, -1.0, None
-        if not getattr(args, "resume", False):
-            for f in ("last.pt", "best.pt"):
-                if os.path.exists(os.path.join(self.work_dir, f)):
-                    raise UserError(f"{os.path.join(self.work_dir, f)} exists: pass --resume to continue that "
-                                    "run, or choose another --work-dir (a new run would overwrite it)")
+        self.harmless = HARMLESS_ON_RESUME | set(harmless)
+        self.start, self.best, self.best_at, self.last_metrics = 0, -1.0, None, None
+        self._ck, self._lock = None, None
+        resume = bool(getattr(args, "resume", False))
+        verdict = None
         if info.is_main:
-            os.makedirs(self.work_dir, exist_ok=True)
-        from .io import JsonLog
+            try:
+                self._prepare(resume)
+            except UserError as e:  # RunFinished included
+                verdict = (type(e) is RunFinished, str(e))
+                self.release()
+        from .dist import broadcast_object
+        verdict, (self.start, self.best, self.best_at) = broadcast_object((verdict, (self.start, self.best, self.best_at)))
+        if verdict:
+            finished, msg = verdict
+            raise (RunFinished if finished else UserError)(msg, all_ranks=True)
         self.log = JsonLog(os.path.join(self.work_dir, "log.jsonl") if info.is_main else None)
+        if resume:
+            self.log(event="resume", **{unit: self._index(self.start)})
+
+    # -- before any work (rank 0) ---------------------------------------------------------------------
+
+    def _prepare(self, resume):
+        wd = self.work_dir
+        last, best = os.path.join(wd, "last.pt"), os.path.join(wd, "best.pt")
+        if not resume:
+            for f in (last, best):
+                if os.path.exists(f):
+                    raise UserError(f"{f} exists: pass --resume to continue that run, or choose another "
+                                    "--work-dir (a new run would overwrite it)")
+        elif not os.path.isfile(last):
+            raise UserError(f"--resume: no {last} to resume from (run once without --resume first)")
+        try:
+            os.makedirs(wd, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"--work-dir {wd}: cannot create it ({e.strerror or e})") from None
+        self._take_lock()
+        self._remove_leftovers()
+        if not resume:
+            return
+        ck = read_run_checkpoint(last)
+        differ = self._differing_flags(ck.get("config") or {})
+        if differ:
+            raise UserError(f"--resume: {last} was trained with other values of {len(differ)} flag(s): "
+                            + "; ".join(differ) + ". Pass the values it was trained with, or start a new --work-dir "
+                            "(only " + ", ".join("--" + k.replace("_", "-") for k in
+                                                  ("workers", "log_interval", "device", self.unit + "s"))
+                            + " and the like may change)")
+        done = int(ck.get("done", ck.get("iter", 0)))
+        flag = "--" + ("iters" if self.unit == "iter" else "epochs")
+        if done >= self.total:
+            if done == self.total:
+                raise RunFinished(f"{wd}: the run is finished ({done} of {flag} {self.total} done); nothing to "
+                                  f"resume. Pass a larger {flag} to train on, or --eval-only to evaluate it.")
+            raise UserError(f"{flag} {self.total}: {last} has already done {done} {self.unit}s; pass {flag} "
+                            f"{done} or more")
+        self.best = float(ck.get("best_metric", ck.get("best_mIoU", -1.0)))
+        self.best_at = ck.get("best_at")
+        # last.pt is written before each evaluation, so best.pt may hold a newer best than last.pt knows
+        if os.path.isfile(best):
+            b = read_run_checkpoint(best, "best.pt")
+            score = b.get(self.metric, b.get("mIoU"))
+            if isinstance(score, (int, float)) and score > self.best:
+                self.best, self.best_at = float(score), b.get("done", b.get("iter"))
+        self._truncate_log(done)
+        self._ck, self.start = ck, done
+
+    def _take_lock(self):
+        path = os.path.join(self.work_dir, LOCK)
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "command": " ".join(sys.argv)}
+        for _ in range(3):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = _read_lock(path)
+                if holder is not None and not _lock_is_stale(holder):
+                    raise UserError(
+                        f"--work-dir {self.work_dir} is in use by another run (pid {holder.get('pid')} on "
+                        f"{holder.get('host')} since {holder.get('started')}, lock {path}). Wait for it to end or "
+                        f"choose another --work-dir; if that process is gone, delete {path}.") from None
+                if holder and holder.get("pid") != os.getpid():
+                    print(f"note: removed the stale lock {path} of pid {holder.get('pid')} (no longer running)",
+                          file=sys.stderr)
+                try:
+                    os.remove(path)
+                except FileNotFoundError:
+                    pass
+                continue
+            except OSError as e:
+                raise UserError(f"--work-dir {self.work_dir}: cannot write in it ({e.strerror or e})") from None
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self._lock = path
+            atexit.register(self.release)
+            return
+        raise UserError(f"--work-dir {self.work_dir}: could not take the lock {path}; is another run starting?")
+
+    def release(self):
+        """Removes the work dir's lock if this process holds it (finish() and interpreter exit call it)."""
+        if self._lock:
+            holder = _read_lock(self._lock)
+            if holder is not None and holder.get("pid") == os.getpid():
+                try:
+                    os.remove(self._lock)
+                except FileNotFoundError:
+                    pass
+            self._lock = None
+
+    def _remove_leftovers(self):
+        """Temporary files of atomic writes that were killed mid-write (the lock is held: none is live)."""
+        gone = [f for f in os.listdir(self.work_dir) if f.startswith(".tmp_")]
+        for f in gone:
+            os.remove(os.path.join(self.work_dir, f))
+        if gone:
+            print(f"note: removed {len(gone)} temporary file(s) of an interrupted write from {self.work_dir}: "
+                  f"{', '.join(sorted(gone)[:3])}", file=sys.stderr)
+
+    def _differing_flags(self, stored):
+        now = vars(self.args)
+        out = []
+        for k in sorted(set(stored) & set(now)):
+            if k in self.harmless:
+                continue
+            a, b = _plain(stored[k]), _plain(now[k])
+            if a == b or (isinstance(a, str) and isinstance(b, str) and os.path.exists(a) and os.path.exists(b)
+                          and os.path.samefile(a, b)):
+                continue
+            out.append(f"--{k.replace('_', '-')} was {a!r}, now {b!r}")
+        return out
+
+    def _index(self, done):
+        """The log's step value of the state after ``done`` steps: iterations count from 1, epochs from 0."""
+        return done if self.unit == "iter" else done - 1
+
+    def _truncate_log(self, done):
+        """Drops log.jsonl lines from the first one past last.pt's step (or a half-written one) on."""
+        path = os.path.join(self.work_dir, "log.jsonl")
+        if not os.path.isfile(path):
+            return
+        with open(path) as f:
+            lines = f.readlines()
+        keep = []
+        for line in lines:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                break
+            v = rec.get(self.unit) if isinstance(rec, dict) else None
+            if isinstance(v, (int, float)) and v > self._index(done):
+                break
+            keep.append(line if line.endswith("\n") else line + "\n")
+        if len(keep) < len(lines):
+            tmp = path + ".tmp"
+            with open(tmp, "w") as f:
+                f.writelines(keep)
+            os.replace(tmp, path)
+            print(f"note: {path}: dropped {len(lines) - len(keep)} line(s) logged after last.pt's {self.unit} "
+                  f"{self._index(done)} (this run logs them again)", file=sys.stderr)
+
+    # -- around the loop ------------------------------------------------------------------------------
 
     def resume(self, model, optimizer=None):
         """Loads last.pt into model / optimizer when --resume; returns the checkpoint dict (or None)."""
         if not getattr(self.args, "resume", False):
             return None
-        ck = resume_state(self.work_dir, model, optimizer)
-        self.start = ck["iter"]
-        self.best = ck.get("best_metric", ck.get("best_mIoU", -1.0))
-        # last.pt is written before each evaluation, so best.pt may hold a newer best than last.pt knows
-        best_path = os.path.join(self.work_dir, "best.pt")
-        if os.path.isfile(best_path):
-            b = load_checkpoint(best_path, "best checkpoint")
-            self.best = max(self.best, float(b.get(self.metric, b.get("mIoU", -1.0))))
+        ck = resume_state(self.work_dir, model, optimizer, self._ck)
+        self._ck = None
         return ck
 
     def step_end(self, done, model, optimizer, save=False, evaluate=None, extra=None):
-        """After iteration ``done`` (1-based count): writes last.pt if ``save`` or an evaluation is due,
-        then runs ``evaluate() -> metrics dict`` if given, logs it and updates best.pt. Returns the
-        metrics or None."""
+        """After step ``done`` (1-based count): writes last.pt if ``save`` or an evaluation is due, then runs
+        ``evaluate() -> metrics dict`` if given, logs it and updates best.pt. Returns the metrics or None."""
         if save or evaluate is not None:
             if self.info.is_main:
                 ex = extra() if callable(extra) else dict(extra or {})
-                ex["best_metric"] = self.best
+                ex.update(best_metric=self.best, best_at=self.best_at, done=done, unit=self.unit)
                 save_state(self.work_dir, "last.pt", model, optimizer, done, vars(self.args), ex)
         if evaluate is None:
             return None
@@ -221,21 +414,54 @@ class RunBook:
         self.last_metrics = metrics
         if self.info.is_main:
             scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-            self.log(iter=done, **scalars)
-            from tqdm import tqdm
-            tqdm.write(f"iter {done}: " + "  ".join(f"{k} {v:.2f}" for k, v in scalars.items()))
+            self.log(**{self.unit: self._index(done)}, **{self.log_prefix + k: v for k, v in scalars.items()})
             if metrics[self.metric] > self.best:
-                self.best = metrics[self.metric]
-                save_state(self.work_dir, "best.pt", model, None, done, vars(self.args), {self.metric: self.best})
-        self.best = broadcast_best(self.best)
+                self.best, self.best_at = metrics[self.metric], done
+                save_state(self.work_dir, "best.pt", model, None, done, vars(self.args),
+                           {self.metric: self.best, "done": done, "unit": self.unit})
+            from tqdm import tqdm
+            tqdm.write(f"{self.unit} {self._index(done)}: " + "  ".join(
+                f"{k} {v}" if isinstance(v, int) else f"{k} {v:.2f}" for k, v in scalars.items())
+                + (f"  (best {self.metric} {self.best:.2f} at {self.unit} {self._index(self.best_at)})"
+                   if self.best_at is not None else ""))
+        from .dist import broadcast_object
+        self.best, self.best_at = broadcast_object((self.best, self.best_at))
         return metrics
 
     def finish(self):
         if self.info.is_main and self.last_metrics is not None:
             print(f"final {self.metric} {self.last_metrics[self.metric]:.2f} (best {self.best:.2f}); "
                   f"checkpoints in {self.work_dir}")
+        self.release()
 
 
-def broadcast_best(value):
-    from .dist import broadcast_object
-    return broadcast_object(value)
+def _plain(v):
+    """Tuples as lists, so that a stored (512, 512) equals a new [512, 512]."""
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    return v
+
+
+def _read_lock(path):
+    try:
+        with open(path) as f:
+            holder = json.load(f)
+        return holder if isinstance(holder, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def _lock_is_stale(holder):
+    """A lock of this machine whose process is gone (or is this very process: an earlier run in-process)."""
+    if holder.get("host") != socket.gethostname():
+        return False
+    pid = holder.get("pid")
+    if not isinstance(pid, int) or pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False

@@ -365,7 +365,8 @@ def to_torchvision(sd):
 
 def convert_checkpoint(obj, source="checkpoint"):
     """Any published Video Swin checkpoint -> (backbone state dict in our names, layout name).
-    Accepts the official mmaction file ({'state_dict': {'backbone.*', 'cls_head.*'}}), torchvision's
+    Accepts the official mmaction file ({'state_dict': {'backbone.*', 'cls_head.*'}}; MMAction2 1.x names
+    the final norm backbone.norm3), torchvision's
     swin3d_* state dict (`features.*`), or a bare backbone dict. The pretraining classifier is dropped."""
     sd = unwrap_state_dict(obj)
     if not isinstance(sd, dict) or not sd:
@@ -373,6 +374,9 @@ def convert_checkpoint(obj, source="checkpoint"):
     if any(k.startswith("backbone.") for k in sd):
         layout = "official (mmaction, backbone.*)"
         sd = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
+        if "norm3.weight" in sd and "norm.weight" not in sd:  # MMAction2 1.x names the final norm norm3
+            layout = "MMAction2 1.x (backbone.*, norm3)"
+            sd = {("norm." + k[len("norm3."):] if k.startswith("norm3.") else k): v for k, v in sd.items()}
     elif any(k.startswith("features.") for k in sd):
         layout = "torchvision swin3d"
         sd = from_torchvision(sd)

@@ -23,7 +23,10 @@ BEiT:
 Checkpoints (``load_pretrained``): DeiT ``.pth`` ({'model': ...}), AugReg in timm layout (``.pth``) or as
 the original JAX ``.npz`` (read by timm's own npz loader), BEiT / BEiT v2 ``.pth`` with the relative
 position tables resized to the training grid by the BEiT method (geometric source coordinates, cubic
-spline), implemented here without SciPy: see ``resize_rel_pos_table``.
+spline), implemented here without SciPy: see ``resize_rel_pos_table``. BEiT v2 files (unilm/beit2, e.g.
+``beitv2_large_patch16_224_pt1k_ft21k.pth``) are saved by DeepSpeed: the weights sit under ``'module'``
+beside DeepSpeed's bookkeeping, and a pre-training file also holds the patch-aggregation layers
+``cls_pt_layers.*`` and ``lm_head``; the blocks have BEiT's names, so the same filter serves both.
 """
 import math
 import os
@@ -34,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.ops import StochasticDepth
 
-from .io import UserError, load_checkpoint, load_state_dict_checked, strip_prefix, unwrap_state_dict
+from .io import UserError, load_checkpoint, load_state_dict_checked, state_dict_of, strip_prefix
 
 # (embed_dim, depth, num_heads)
 SIZES = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12), "large": (1024, 24, 16)}
@@ -162,7 +165,7 @@ class VisionTransformer(nn.Module):
     def load_pretrained(self, path):
         """DeiT .pth / AugReg .pth (timm layout) / AugReg .npz. Reports missing or unexpected keys."""
         sd = _read_vit_npz(path) if os.fspath(path).endswith(".npz") else \
-            unwrap_state_dict(load_checkpoint(path, "--pretrained"))
+            state_dict_of(load_checkpoint(path, "--pretrained"), f"--pretrained {path}")
         sd = vit_checkpoint_filter(strip_prefix(sd, "module."), self)
         return load_state_dict_checked(self, sd, f"--pretrained {path}", expect=_is_vit_key)
 
@@ -201,8 +204,9 @@ def _read_vit_npz(path):
         pos = w["Transformer/posembed_input/pos_embedding"]  # (1, N(+1), D)
         depth = sum(1 for k in w.files if k.startswith("Transformer/encoderblock_") and k.endswith("LayerNorm_0/scale"))
         heads = w["Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel"].shape[1]
-    except (KeyError, ValueError, OSError) as e:
-        raise UserError(f"--pretrained {path}: not a ViT .npz in the JAX/AugReg layout ({e})") from None
+    except Exception as e:  # KeyError, ValueError, OSError, EOFError (empty), BadZipFile (truncated)
+        raise UserError(f"--pretrained {path}: not a ViT .npz in the JAX/AugReg layout "
+                        f"({type(e).__name__}: {e})") from None
     has_cls = "cls" in w.files
     n_grid = pos.shape[1] - (1 if has_cls else 0)
     g = round(math.sqrt(n_grid))
@@ -210,8 +214,11 @@ def _read_vit_npz(path):
     m = TimmViT(img_size=g * kernel.shape[0], patch_size=kernel.shape[0], embed_dim=kernel.shape[3], depth=depth,
                 num_heads=heads, num_classes=num_classes, class_token=has_cls,
                 global_pool="token" if has_cls else "avg")
-    with torch.no_grad():
-        _load_weights(m, path)
+    try:
+        with torch.no_grad():
+            _load_weights(m, path)
+    except Exception as e:  # an array missing or damaged further in
+        raise UserError(f"--pretrained {path}: not a complete ViT .npz ({type(e).__name__}: {e})") from None
     return m.state_dict()
 
 
@@ -313,7 +320,7 @@ class BEiT(nn.Module):
         return x[:, 1:].transpose(1, 2).reshape(x.shape[0], -1, h, w)  # (B, D, H, W)
 
     def load_pretrained(self, path):
-        sd = strip_prefix(unwrap_state_dict(load_checkpoint(path, "--pretrained")), "module.")
+        sd = strip_prefix(state_dict_of(load_checkpoint(path, "--pretrained"), f"--pretrained {path}"), "module.")
         return load_state_dict_checked(self, beit_checkpoint_filter(sd, self), f"--pretrained {path}",
                                        expect=_is_vit_key)
 
@@ -332,13 +339,13 @@ def beit_checkpoint_filter(sd, model):
     """BEiT / BEiT v2 .pth -> this module's state dict, as ViT-Adapter's loader does it: a shared
     ``rel_pos_bias`` table is copied into every block; ``relative_position_index`` is dropped (the model
     builds its own); each table is resized from the checkpoint grid to the model's (2G-1)^2 by
-    ``resize_rel_pos_table``; pre-training heads and norms are dropped."""
+    ``resize_rel_pos_table``; pre-training heads and norms (BEiT v2: also its cls_pt_layers) are dropped."""
     sd = dict(sd)
     shared = sd.pop("rel_pos_bias.relative_position_bias_table", None)
     if shared is not None:
         for i in range(len(model.blocks)):
             sd.setdefault(f"blocks.{i}.attn.relative_position_bias_table", shared.clone())
-    drop = ("mask_token", "lm_head.", "norm.", "fc_norm.", "head.", "pos_embed", "rel_pos_bias.")
+    drop = ("mask_token", "lm_head.", "norm.", "fc_norm.", "head.", "pos_embed", "rel_pos_bias.", "cls_pt_layers.")
     out = {}
     for k, v in sd.items():
         if k.startswith(drop) or k.endswith("relative_position_index"):

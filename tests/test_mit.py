@@ -68,7 +68,7 @@ def hf_to_ours(hsd):
 
 
 def test_mit_matches_hf_segformer():
-    transformers = pytest.importorskip("transformers")
+    import transformers   # requirements.txt pins it (test-only); a reference that silently skips tests nothing
     torch.manual_seed(0)
     cfg = transformers.SegformerConfig(
         num_channels=3, num_encoder_blocks=4, depths=[2, 2, 2, 2], sr_ratios=[8, 4, 2, 1],
@@ -304,7 +304,8 @@ def test_load_refuses_other_checkpoints(tmp_path):
         load_mit_pretrained(tiny_mit(), tmp_path / "swin_tiny.pth")
 
     torch.save(tiny_mit(embed_dims=(8, 16, 24, 40)).state_dict(), tmp_path / "mit_other.pth")
-    with pytest.raises(UserError, match=r"(?s)mit_other\.pth does not fit.*mis-shaped.*patch_embed4\.proj\.weight: checkpoint \(40, 24"):
+    shape_msg = r"(?s)mit_other\.pth does not fit.*mis-shaped.*patch_embed4\.proj\.weight: checkpoint \(40, 24"
+    with pytest.raises(UserError, match=shape_msg):
         load_mit_pretrained(tiny_mit(), tmp_path / "mit_other.pth")
 
     sd = tiny_mit().state_dict()

@@ -336,9 +336,9 @@ def test_wrong_checkpoints_raise(tmp_path):
         load_swin_pretrained(ours(), tmp_path / "wider.pth")
     assert "mis-shaped" in str(e.value)
 
+    # a Namespace beside the weights (as V-PETL's checkpoints have) is kept as inert data: the weights load
     torch.save({"model": ours().state_dict(), "config": argparse.Namespace(lr=1)}, tmp_path / "pickled.pth")
-    with pytest.raises(UserError, match="pickled.pth.*pickle"):
-        load_swin_pretrained(ours(), tmp_path / "pickled.pth")
+    load_swin_pretrained(ours(), tmp_path / "pickled.pth")
     with pytest.raises(UserError, match="nothere.pth"):
         load_swin_pretrained(ours(), tmp_path / "nothere.pth")
 

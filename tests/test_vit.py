@@ -191,6 +191,24 @@ def test_beit_shared_table_is_copied_and_resized(tmp_path):
     assert relative_position_index(20).max() == 39 * 39 + 2
 
 
+def test_beitv2_deepspeed_layout_loads(tmp_path):
+    # unilm/beit2 files: DeepSpeed's {'module': weights, bookkeeping}; a fine-tuned one has fc_norm + head, a
+    # pre-training one cls_pt_layers (its patch aggregation) + lm_head; per-block 27x27 + 3 tables, index buffers
+    src = beit("base", img_size=224, depth=2)
+    g = torch.Generator().manual_seed(0)
+    sd = {k: torch.randn(v.shape, generator=g) if v.is_floating_point() else v for k, v in src.state_dict().items()}
+    extra = {"fc_norm.weight": torch.ones(768), "fc_norm.bias": torch.zeros(768), "head.weight": torch.zeros(10, 768),
+             "head.bias": torch.zeros(10), "cls_pt_layers.0.norm1.weight": torch.ones(768),
+             "cls_pt_layers.0.attn.qkv.weight": torch.zeros(3 * 768, 768), "lm_head.weight": torch.zeros(8192, 768)}
+    path = tmp_path / "beitv2_base_patch16_224_pt1k_ft21k.pth"
+    torch.save({"module": {**sd, **extra}, "ds_version": "0.5.8", "global_steps": 1000,
+                "param_shapes": [{"blocks.0.norm1.weight": [768]}], "dp_world_size": 64}, path)
+    ours = beit("base", img_size=224, depth=2)
+    ours.load_pretrained(path)  # raises on any missing / unexpected key
+    for k, v in ours.state_dict().items():
+        assert torch.equal(v, sd[k]), k
+
+
 # ----------------------------------------------------------------------------------------------------
 # the relative-position resize without SciPy
 

@@ -64,9 +64,10 @@ def _bn(prefix, c):
 
 
 def official_keys(dim, depth, heads, deform_heads, ratio, n_inter, num_classes, channels, grid, beit=False,
-                  inplane=64, points=4, cffn=0.25):
+                  inplane=64, points=4, cffn=0.25, m2f=None):
     """The key -> shape table of an official ViT-Adapter + UperNet checkpoint (spec 1.9; mmseg heads),
-    written out from the spec, independently of the model's own state_dict."""
+    written out from the spec, independently of the model's own state_dict. ``m2f``: the Mask2Former
+    head's sizes instead of UperNet + FCN (official_m2f_keys)."""
     k = {}
     b = "backbone."
     k[b + "patch_embed.proj.weight"], k[b + "patch_embed.proj.bias"] = (dim, 3, 16, 16), (dim,)
@@ -131,6 +132,9 @@ def official_keys(dim, depth, heads, deform_heads, ratio, n_inter, num_classes, 
     k[b + "up.weight"], k[b + "up.bias"] = (dim, dim, 2, 2), (dim,)
     for j in range(1, 5):
         k.update(_bn(f"{b}norm{j}", dim))
+    if m2f is not None:
+        k.update(official_m2f_keys(dim, num_classes, **m2f))
+        return k
     d = "decode_head."
     for j in range(4):
         k[f"{d}psp_modules.{j}.1.conv.weight"] = (channels, dim, 1, 1)
@@ -149,6 +153,63 @@ def official_keys(dim, depth, heads, deform_heads, ratio, n_inter, num_classes, 
     k[a + "convs.0.conv.weight"] = (256, dim, 3, 3)
     k.update(_bn(a + "convs.0.bn", 256))
     k[a + "conv_seg.weight"], k[a + "conv_seg.bias"] = (num_classes, 256, 1, 1), (num_classes,)
+    return k
+
+
+def official_m2f_keys(in_dim, num_classes, dim, heads, enc_ffn, dec_ffn, enc_layers, dec_layers, queries,
+                      levels=3, points=4):
+    """The decode_head.* keys of an official ViT-Adapter Mask2Former checkpoint, from the official module
+    names: Mask2FormerHead and MSDeformAttnPixelDecoder (mmseg_custom), mmcv's ConvModule (conv + gn),
+    BaseTransformerLayer (attentions / ffns / norms), FFN (layers.0.0, layers.1), MultiheadAttention
+    (attn = nn.MultiheadAttention), MultiScaleDeformableAttention, DetrTransformerDecoder (post_norm)."""
+    k = {}
+
+    def lin(name, cout, cin):
+        k[name + ".weight"], k[name + ".bias"] = (cout, cin), (cout,)
+
+    def ln(name, c):
+        k[name + ".weight"], k[name + ".bias"] = (c,), (c,)
+
+    def ffn(p, hidden):
+        lin(p + "ffns.0.layers.0.0", hidden, dim)
+        lin(p + "ffns.0.layers.1", dim, hidden)
+
+    d = "decode_head.pixel_decoder."
+    for i in range(levels):  # strides 32, 16, 8
+        k[f"{d}input_convs.{i}.conv.weight"], k[f"{d}input_convs.{i}.conv.bias"] = (dim, in_dim, 1, 1), (dim,)
+        ln(f"{d}input_convs.{i}.gn", dim)
+    for j in range(enc_layers):
+        p = f"{d}encoder.layers.{j}."
+        lin(p + "attentions.0.sampling_offsets", heads * levels * points * 2, dim)
+        lin(p + "attentions.0.attention_weights", heads * levels * points, dim)
+        lin(p + "attentions.0.value_proj", dim, dim)
+        lin(p + "attentions.0.output_proj", dim, dim)
+        ffn(p, enc_ffn)
+        ln(p + "norms.0", dim)
+        ln(p + "norms.1", dim)
+    k[d + "level_encoding.weight"] = (levels, dim)
+    k[d + "lateral_convs.0.conv.weight"] = (dim, in_dim, 1, 1)  # no bias under a norm
+    ln(d + "lateral_convs.0.gn", dim)
+    k[d + "output_convs.0.conv.weight"] = (dim, dim, 3, 3)
+    ln(d + "output_convs.0.gn", dim)
+    k[d + "mask_feature.weight"], k[d + "mask_feature.bias"] = (dim, dim, 1, 1), (dim,)
+    t = "decode_head.transformer_decoder."
+    for i in range(dec_layers):
+        p = f"{t}layers.{i}."
+        for a in (0, 1):  # cross-attention, self-attention
+            k[f"{p}attentions.{a}.attn.in_proj_weight"] = (3 * dim, dim)
+            k[f"{p}attentions.{a}.attn.in_proj_bias"] = (3 * dim,)
+            lin(f"{p}attentions.{a}.attn.out_proj", dim, dim)
+        ffn(p, dec_ffn)
+        for n in range(3):
+            ln(f"{p}norms.{n}", dim)
+    ln(t + "post_norm", dim)
+    h = "decode_head."
+    k[h + "query_embed.weight"], k[h + "query_feat.weight"] = (queries, dim), (queries, dim)
+    k[h + "level_embed.weight"] = (levels, dim)
+    lin(h + "cls_embed", num_classes + 1, dim)
+    for j in (0, 2, 4):
+        lin(f"{h}mask_embed.{j}", dim, dim)
     return k
 
 
@@ -196,6 +257,120 @@ def test_official_checkpoint_layout_loads(tmp_path, beit):
     torch.save({"state_dict": sd}, path)
     with pytest.raises(V.UserError, match=r"interactions\.1\.extractor\.ffn\.fc1\.bias"):
         V.load_segmentor_checkpoint(model, path)
+
+
+M2F_TINY = dict(dim=64, heads=4, enc_ffn=128, dec_ffn=128, enc_layers=2, dec_layers=3, queries=16)
+
+
+def _tiny_m2f(backbone="vit", *flags):
+    args = V.get_args(["--preset", "synthetic_mask2former", *flags])
+    args.backbone = backbone
+    return args, V.build_model(args, 6)
+
+
+@pytest.mark.parametrize("beit", [False, True])
+def test_official_mask2former_layout_loads(tmp_path, beit):
+    args, model = _tiny_m2f("beit" if beit else "vit")
+    grid = args.crop // 16 if beit else args.pretrain_size // 16
+    keys = official_keys(64, 4, 2, 4, 1.0, 4, 6, None, grid, beit=beit, m2f=M2F_TINY)
+    own = model.state_dict()
+    assert {k: tuple(v.shape) for k, v in own.items()} == keys
+    sd = _random_state(keys)
+    if beit:
+        for i in range(4):
+            sd[f"backbone.blocks.{i}.attn.relative_position_index"] = \
+                model.backbone.blocks[i].attn.relative_position_index.clone()
+    path = tmp_path / "mask2former_beit_adapter_official.pth.tar"
+    torch.save({"meta": {"CLASSES": ("a",) * 6}, "state_dict": sd}, path)
+    V.load_segmentor_checkpoint(model, path)
+    own = model.state_dict()
+    for name in ("decode_head.pixel_decoder.encoder.layers.1.attentions.0.sampling_offsets.bias",
+                 "decode_head.transformer_decoder.layers.2.attentions.0.attn.in_proj_weight",
+                 "decode_head.pixel_decoder.lateral_convs.0.gn.weight", "decode_head.mask_embed.4.bias",
+                 "decode_head.query_feat.weight", "backbone.interactions.3.extra_extractors.1.ffn.fc2.weight"):
+        assert torch.equal(own[name], sd[name]), name
+    # --eval-only reads the head and the number of classes from such a file and refuses a mismatched head
+    assert V.checkpoint_classes(sd) == ("mask2former", 6)
+    with pytest.raises(V.UserError, match="mask2former head"):
+        V.main(["--preset", "synthetic", "--eval-only", "--checkpoint", str(path), "--device", "cpu"])
+
+
+def test_load_from_keeps_the_classifier_of_another_class_count(tmp_path):
+    # ADE20K 896 fine-tunes the COCO-Stuff-164k model: 171 + 1 class rows against 150 + 1
+    torch.manual_seed(0)
+    other = V.build_model(V.get_args(["--preset", "synthetic_mask2former"]), 8)
+    path = tmp_path / "cocostuff_like.pth"
+    torch.save({"state_dict": other.state_dict()}, path)
+    _, model = _tiny_m2f()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    skipped = V.load_from(model, path)
+    assert skipped == ["decode_head.cls_embed.weight", "decode_head.cls_embed.bias"]
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k] if k in skipped else other.state_dict()[k]), k
+    # anything else that does not fit is an error
+    sd = other.state_dict()
+    sd.pop("decode_head.query_embed.weight")
+    torch.save({"state_dict": sd}, path)
+    with pytest.raises(V.UserError, match="query_embed"):
+        V.load_from(model, path)
+
+
+@pytest.mark.parametrize("preset,seed_column,spec,exact", [
+    ("ade20k_beit_large_mask2former", 568e6, 568.2e6, 568_204_887),
+    ("ade20k_beit_large_mask2former_896", 571e6, 570.7e6, 570_744_407),
+    ("coco_stuff10k_beit_base_mask2former", 120e6, 120.2e6, 120_249_740)])
+def test_mask2former_summary_totals(capsys, preset, seed_column, spec, exact):
+    assert V.main(["--preset", preset, "--summary"]) is None
+    out = capsys.readouterr().out
+    total = int(out.split("params: total=")[1].split()[0])
+    assert abs(total - seed_column) < 0.01 * seed_column  # the README's #Param column, rounded to 1M
+    assert abs(total - spec) < 0.05e6  # the spec's hand count over the official modules, to its 0.1M
+    assert total == exact
+    assert "Mask2Former pixel decoder" in out and "auxiliary" not in out
+
+
+def test_fp32_training_and_eval_amp_defaults():
+    fp16_key = ("ade20k_deit_tiny", "ade20k_deit_small", "ade20k_deit_base", "ade20k_augreg_tiny",
+                "ade20k_augreg_base", "ade20k_deit_light_base")
+    for preset in fp16_key + ("ade20k_augreg_large", "ade20k_beit_large", "ade20k_beit_large_mask2former"):
+        train = V.get_args(["--preset", preset, "--summary"])
+        assert train.amp is False and train.eval_amp is False, preset  # fp32, evaluations included
+        test = V.get_args(["--preset", preset, "--summary", "--eval-only"])
+        assert test.eval_amp is (preset in fp16_key), preset  # the official test.py's fp16
+    assert V.get_args(["--preset", "ade20k_deit_tiny", "--summary", "--amp"]).amp is True
+    assert V.get_args(["--preset", "ade20k_deit_tiny", "--summary", "--eval-only", "--no-eval-amp"]).eval_amp is False
+    assert V.get_args(["--preset", "ade20k_beit_large", "--summary", "--eval-amp"]).eval_amp is True
+
+
+def test_light_config():
+    args = V.get_args(["--preset", "ade20k_deit_light_base", "--summary"])
+    assert args.interaction_indexes == [[0, 11]]
+    with torch.device("meta"):
+        model = V.build_model(args, 150)
+    keys = model.backbone.state_dict().keys()
+    assert not any(".ffn" in k or "extra_extractors" in k for k in keys)
+    assert not any(k.startswith("interactions.1.") for k in keys)
+    adapter = sum(p.numel() for n, p in model.backbone.named_parameters()
+                  if not n.startswith(("patch_embed.", "pos_embed", "blocks.")))
+    # by hand: D = 768, 12 deformable heads, 4 points, value 384
+    D, c = 768, 64
+    bn = lambda n: 2 * n
+    spm = (3 * c * 9 + bn(c) + 2 * (c * c * 9 + bn(c)) + c * 2 * c * 9 + bn(2 * c) + 2 * c * 4 * c * 9 + bn(4 * c)
+           + 4 * c * 4 * c * 9 + bn(4 * c) + sum(cin * D + D for cin in (c, 2 * c, 4 * c, 4 * c)))
+
+    def msda(levels):
+        return (D * 12 * levels * 4 * 2 + 12 * levels * 4 * 2) + (D * 12 * levels * 4 + 12 * levels * 4) + \
+            (D * 384 + 384) + (384 * D + D)
+    injector = 2 * 2 * D + D + msda(3)  # 2 LN, gamma
+    extractor = 2 * 2 * D + msda(1)  # 2 LN, no ConvFFN
+    rest = 3 * D + D * D * 4 + D + 4 * 2 * D  # level_embed, up (ConvTranspose 2x2), 4 BN
+    assert adapter == spm + injector + extractor + rest == 5_579_648
+    # and the forward (tiny: 64 wide) runs without the ViT features added
+    tiny_args = tiny("--interaction-indexes", "0", "3", "--no-with-cffn", "--no-extra-extractor",
+                     "--no-add-vit-feature", "--drop-path", "0")
+    m = V.build_model(tiny_args, 6).eval()
+    outs = m.backbone(torch.randn(1, 3, 64, 64))
+    assert [tuple(o.shape) for o in outs] == [(1, 64, 16, 16), (1, 64, 8, 8), (1, 64, 4, 4), (1, 64, 2, 2)]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -322,6 +497,22 @@ def test_layer_decay_groups_follow_upstream():
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
 
 
+def test_mask2former_layer_decay_quirk():
+    # upstream's get_num_layer_for_vit: decode_head.{mask_embed, cls_embed, level_embed, query_embed, query_feat}
+    # share layer 0 with the patch embedding (the smallest lr); the rest of the head is in the top layer
+    _, model = _tiny_m2f()
+    groups = V.layer_decay_groups(model, 0.05, 0.9, 4)
+    scale = {n: g["lr_scale"] for g in groups for n in g["names"]}
+    for n in ("decode_head.mask_embed.0.weight", "decode_head.mask_embed.4.bias", "decode_head.cls_embed.weight",
+              "decode_head.level_embed.weight", "decode_head.query_embed.weight", "decode_head.query_feat.weight",
+              "backbone.patch_embed.proj.weight"):
+        assert scale[n] == pytest.approx(0.9 ** 5), n
+    for n in ("decode_head.pixel_decoder.level_encoding.weight", "decode_head.transformer_decoder.post_norm.weight",
+              "decode_head.transformer_decoder.layers.0.attentions.0.attn.in_proj_weight"):
+        assert scale[n] == 1.0, n
+    assert scale["backbone.blocks.3.attn.qkv.weight"] == pytest.approx(0.9)
+
+
 def test_augreg_b_custom_keys():
     args = V.get_args(["--preset", "ade20k_augreg_base", "--summary"])
     model = V.build_model(args, 150)
@@ -350,6 +541,11 @@ def test_ms_sizes():
     sizes = V.ms_sizes(512, 683, deit)
     # keep-ratio into (2048 r, 512 r), then up to a multiple of 32: r = .75 -> 384x512, r = 1.25 -> 640x854 -> 640x864
     assert sizes[1] == (384, 512) and sizes[3] == (640, 864)
+    # the 896 Mask2Former configs: keep-ratio into r * (3584, 896) for r = 640/896, 768/896, 1, then multiples
+    # of 32 (no SETR_Resize although BEiT): x1.25 -> 640x854 -> 640x864, x1.5 -> 768x1025 (mmcv rounds 1024.5 up)
+    # -> 768x1056, x1.75 -> 896x1195 -> 896x1216
+    m2f = V.get_args(["--preset", "ade20k_beit_large_mask2former_896", "--summary"])
+    assert V.ms_sizes(512, 683, m2f) == [(640, 864), (768, 1056), (896, 1216)]
 
 
 def test_ms_flip_is_flip_equivariant():
@@ -363,6 +559,12 @@ def test_ms_flip_is_flip_equivariant():
     torch.testing.assert_close(q, p.flip(-1), rtol=1e-5, atol=1e-5)  # both flips averaged, flips undone
     single = V.infer(model, img, (64, 96), tiny("--test-scale", "64", "64"), 6)
     assert (single - p).abs().max() > 1e-4  # and it is not the single-scale result
+    # --test-flip (BEiTv2 ADE 896): the single scale and its flip, averaged
+    flip_args = tiny("--test-flip", "--test-scale", "64", "64")
+    f = V.infer(model, img, (64, 96), flip_args, 6)
+    torch.testing.assert_close(V.infer(model, img.flip(-1), (64, 96), flip_args, 6), f.flip(-1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(f, (single + V.infer(model, img.flip(-1), (64, 96), tiny(
+        "--test-scale", "64", "64"), 6).flip(-1)) / 2)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -414,6 +616,30 @@ def test_torchrun_two_processes(tmp_path):
     assert any("mIoU" in r for r in log)
     ck = torch.load(os.path.join(wd, "last.pt"), weights_only=True)
     assert ck["iter"] == 6 and "backbone.interactions.3.extra_extractors.1.attn.value_proj.weight" in ck["model"]
+
+
+def test_mask2former_learns_under_torchrun(tmp_path):
+    # the synthetic_mask2former preset (ViT-Adapter 64 wide, 4 blocks; Mask2Former 64 wide, 2 encoder / 3 decoder
+    # layers, 16 queries, 1,024 points), 2 CPU processes, 100 iterations at batch 4. Predicting background
+    # everywhere scores 14.1 mIoU on this validation set (85% of its pixels); seed 0 reaches 57 on our machine
+    # and seeds 1 / 2 reached 30 / 74, so the bar of 25 holds for any seed seen while needing several shapes found
+    wd = str(tmp_path / "m2f")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "vit_adapter_seg.py"), "--preset", "synthetic_mask2former", "--batch-size", "4",
+           "--warmup", "5", "--workers", "0", "--vis", "1", "--num-samples", "32", "--iters", "100",
+           "--eval-interval", "100", "--log-interval", "20", "--work-dir", wd]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    log = _losses(wd)
+    train = [rec for rec in log if "loss" in rec]
+    assert [rec["iter"] for rec in train] == [20, 40, 60, 80, 100]
+    assert {"loss_cls", "loss_mask", "loss_dice", "loss_deep"} <= set(train[0])
+    miou = [rec["mIoU"] for rec in log if "mIoU" in rec]
+    assert len(miou) == 1 and miou[0] > 25, miou
+    ck = torch.load(os.path.join(wd, "best.pt"), weights_only=True)
+    assert "decode_head.transformer_decoder.post_norm.weight" in ck["model"]
+    assert os.listdir(os.path.join(wd, "vis", "iter_100"))  # the colour overlay of the evaluation
 
 
 def test_image_demo(tmp_path):
