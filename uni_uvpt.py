@@ -66,7 +66,7 @@ from tqdm import tqdm
 from common import dist as D
 from common.daformer import DAFormerHead
 from common.io import UserError, cli, load_checkpoint, load_state_dict_checked, unwrap_state_dict
-from common.metrics import SegMetric
+from common.metrics import SYNTHIA13, SYNTHIA16, SegMetric, subset_miou
 from common.mit import MIT_SIZES, MixVisionTransformer, load_mit_pretrained
 from common.palettes import get_palette
 from common.seg_data import (DATASETS, SegDataset, SyntheticSeg, TestTransform, TrainTransform, apply_transform,
@@ -819,14 +819,6 @@ def build_optimizer(model, args, keys):
 
 # ----------------------------------------------------------------------------------------------------
 # Data: the source (labelled), the target train split (images only, + pseudo labels), the target val split
-
-SYNTHIA16 = [0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 15, 17, 18]   # no terrain, truck, train
-SYNTHIA13 = [c for c in SYNTHIA16 if c not in (3, 4, 5)]              # nor wall, fence, pole
-
-
-def subset_miou(iou, classes):
-    return float(np.nanmean([iou[c] for c in classes]))
-
 
 def target_split(args, split, transform, with_labels):
     pr = PRESETS[args.preset]
