@@ -103,7 +103,7 @@ PRESETS = {
     "synthetic": dict(source="synthetic", target="synthetic", source_scale=(128, 128), target_scale=(128, 128),
                       test_scale=(128, 128), num_classes=6, crop=128, backbone="swin_toy",
                       source_lr=1e-3, adapt_lr=2e-4, source_iters=900, adapt_iters=100, warmup=30,
-                      source_batch=4, adapt_batch=2, eval_interval=50, curve_interval=5, queue=20),
+                      source_batch=8, adapt_batch=4, eval_interval=50, curve_interval=5, queue=20),
 }
 RECIPE = dict(  # the official values where a preset says nothing else
     backbone="swin_b", source_iters=400_000, warmup=1500, source_batch=2, adapt_iters=80_000, adapt_batch=1,
