@@ -67,6 +67,36 @@ def test_injector_gamma_start_reproduces_the_source_model():
         assert (prompted(x)[0][-1] - ref[-1]).abs().max() > 1e-2
 
 
+def test_mit_variant_starts_as_the_source_model_and_ignores_its_level_embed():
+    """MiT: the same near-identity start; its level_embed exists (counted, official keys) but the official
+    forward never adds it, while the Swin variant does."""
+    from common.mit import MixVisionTransformer
+    arch = U.BACKBONES["mit_toy"]["arch"]
+    torch.manual_seed(0)
+    plain = MixVisionTransformer(**arch, drop_path_rate=0.1)
+    prompted = U.PromptMiT(**arch, drop_path_rate=0.1)
+    prompted.add_prompt_adapter(list(plain.embed_dims), 0.1, deform_heads=2, conv_inplane=8)
+    prompted.load_state_dict(plain.state_dict(), strict=False)
+    plain.eval(), prompted.eval()
+    x = torch.randn(1, 3, 128, 64)
+    with torch.no_grad():
+        ref, (feats, injected) = plain(x), prompted(x)
+        for a, b in zip(feats, ref):
+            assert a.shape == b.shape and 0 < (a - b).abs().max() < 1e-4
+        for inter in prompted.interactions:
+            inter.injector.gamma.fill_(1.0)
+        before = prompted(x)[0][-1]
+        prompted.level_embed.add_(5.0)
+        assert torch.equal(prompted(x)[0][-1], before)
+        swin = tiny_swin().eval()
+        for inter in swin.interactions:
+            inter.injector.gamma.fill_(1.0)
+        y = torch.randn(1, 3, 64, 64)
+        before = swin(y)[0][-1]
+        swin.level_embed.add_(5.0)
+        assert not torch.allclose(swin(y)[0][-1], before)
+
+
 def test_shapes_and_the_multiple_of_64_rule():
     m = tiny_swin().eval()
     with torch.no_grad():
