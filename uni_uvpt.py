@@ -117,7 +117,8 @@ def get_args(argv=None):
     a("--stage", required=True, choices=STAGES, help="source: train on the source; pseudo: offline pseudo labels of "
       "the target train split; adapt: prompt tuning on the target (source-free)")
     a("--preset", default="gta2cs", choices=sorted(PRESETS), help="benchmark: source -> target")
-    a("--backbone", default=None, choices=sorted(BACKBONES), help="frozen backbone (preset's: swin_b; synthetic: swin_toy)")
+    a("--backbone", default=None, choices=sorted(BACKBONES),
+      help="frozen backbone (the preset's: swin_b; synthetic: swin_toy)")
     a("--source-root", default=None, help="--stage source: the source dataset (GTA5 / SYNTHIA layout)")
     a("--target-root", default=None, help="the target dataset (Cityscapes layout); train images unlabelled")
     a("--work-dir", default="work_dirs/uni_uvpt", help="holds last.pt, best.pt, log.jsonl and vis/")
@@ -176,13 +177,13 @@ def get_args(argv=None):
     args.backbone = args.backbone or pr["backbone"]
     bb = BACKBONES[args.backbone]
     source = args.stage == "source"
+    stage = "source" if source else "adapt"  # --stage pseudo takes the adaptation's values (it uses few)
     fill = dict(drop_path=bb["drop_path"], deform_heads=bb.get("deform_heads", 16),
                 conv_inplane=bb.get("conv_inplane", 64), head_channels=bb.get("head_channels", 256),
-                iters=pr["source_iters" if source else "adapt_iters"],
-                batch_size=pr["source_batch" if source else "adapt_batch"],
-                lr=_for_backbone(pr["source_lr" if source else "adapt_lr"], args.backbone), warmup=pr["warmup"], crop=pr["crop"],
-                scale=pr["source_scale" if source else "target_scale"], test_scale=pr["test_scale"], eval_interval=pr["eval_interval"], curve_interval=pr["curve_interval"],
-                queue=pr["queue"])
+                iters=pr[f"{stage}_iters"], batch_size=pr[f"{stage}_batch"],
+                lr=_for_backbone(pr[f"{stage}_lr"], args.backbone), warmup=pr["warmup"], crop=pr["crop"],
+                scale=pr["source_scale" if source else "target_scale"], test_scale=pr["test_scale"],
+                eval_interval=pr["eval_interval"], curve_interval=pr["curve_interval"], queue=pr["queue"])
     for k, v in fill.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -412,7 +413,7 @@ class PromptAdapterMixin:
         if img.shape[2] % 64 or img.shape[3] % 64:
             raise UserError(f"input {img.shape[2]}x{img.shape[3]}: Uni-UVPT's prompt adapter needs sides that are "
                             "multiples of 64 (every prompt grid must halve evenly to stage 4); choose --crop as a "
-                            "multiple of 128 (its half-scale forward too) and a --test-scale that gives multiples of 64")
+                            "multiple of 128 (its half-scale forward too) and a --test-scale giving multiples of 64")
         prompts = self.spm(img)
         if self.add_level_embed:
             prompts = [p + self.level_embed[k] for k, p in enumerate(prompts)]
@@ -1004,8 +1005,9 @@ def run(args, info, num_classes):
     val = target_split(args, "val", TestTransform(scale=args.test_scale), with_labels=True)
     if args.stage == "adapt":
         check_test_size(val, args.test_scale, "the target val")
-    val_loader = torch.utils.data.DataLoader(val, batch_size=1, sampler=D.ShardSampler(len(val), info.rank,
-                                             info.world_size), num_workers=min(args.workers, 2), collate_fn=collate_single)
+    shard = D.ShardSampler(len(val), info.rank, info.world_size)
+    val_loader = torch.utils.data.DataLoader(val, batch_size=1, sampler=shard, num_workers=min(args.workers, 2),
+                                             collate_fn=collate_single)
 
     def run_eval(tag):
         vis = overlay_writer(os.path.join(args.work_dir, "vis", tag), val, palette, args.vis) \
