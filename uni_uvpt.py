@@ -1058,6 +1058,7 @@ def run(args, info, num_classes):
         elif args.preset != "synthetic" and info.is_main:
             print("note: no --pretrained: the backbone starts from scratch (the recipe starts from ImageNet)")
     model.to(dev)
+    D.broadcast_params(model)  # one model on every process: the adapter's random init is drawn per process
     opt = build_optimizer(model, args, SOURCE_KEYS if source else ADAPT_KEYS)
     n = len(train_set)
     corr = None if source or args.no_update_pseudo else LabelCorrection(
