@@ -2,18 +2,19 @@
 by the test files that should catch it. A mutation the tests do not catch ("survives") marks a hole in the
 suite: a wrong recipe value or a mis-wired module that would silently change a user's numbers.
 
-    python tools/mutation_survey.py --check                  # every mutation applies and still imports
-    python tools/mutation_survey.py --suite recipe           # the tests/test_recipe_*.py files (minutes)
-    python tools/mutation_survey.py --suite existing -o existing.json   # the other test files (hours)
-    python tools/mutation_survey.py --suite recipe --only 1 7 S2        # some of them
-    python tools/mutation_survey.py --table existing.json recipe.json   # the README's figures by file
+    python tools/mutation_survey.py --check                        # every mutation applies and still imports
+    python tools/mutation_survey.py --suite recipe -o recipe.json  # judged by tests/test_recipe_*.py (~20 min)
+    python tools/mutation_survey.py --suite existing -o existing.json   # by the other test files (~2 h)
+    python tools/mutation_survey.py --suite recipe --only 1 7 S2   # some of them
+    python tools/mutation_survey.py --table existing.json recipe.json   # the README's figures, per file
 
-The working tree is never modified: the tracked and untracked (not ignored) files are copied to a temporary
-folder, each mutation is applied there (an exact, unique string replacement), pytest runs on the mutation's
-test files with -x, and the file is restored. ``--suite existing`` runs, per mutated file, the test files
-that exercise it (EXISTING below) in two phases: the unit tests first, the end-to-end runs (training,
-torchrun) only if the unit tests all passed. ``--suite recipe`` runs the tests/test_recipe_*.py files.
-Ids 1-18 are the mutations listed in issue 12, the others our own survey (S = second round).
+The working tree is never modified: its tracked and untracked (not ignored) files are copied to a temporary
+folder, each mutation is applied there (an exact string replacement that must match once), pytest runs
+the mutation's test files with -x, and the file is restored. ``--suite existing`` runs, per mutated file,
+the test files that exercise it (EXISTING below) without their end-to-end runs (END_TO_END: training,
+torchrun; minutes per mutation); ``--e2e`` adds those for the mutations the unit tests miss.
+``--suite recipe`` runs the recipe tests (RECIPE / ALL_RECIPE). Ids 1-18 are the changes listed in
+issue 12, S1-S55 our own survey.
 """
 import argparse
 import json
