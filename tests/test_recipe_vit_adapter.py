@@ -50,6 +50,10 @@ SPEC = {
                                 custom_keys=False, norm=HALF, drop_path=0.4, init_values=0.0, head_channels=512,
                                 with_cp=True, pretrain_size=384, amp=False),
 }
+# upernet_deit_adapter_light_base_512_160k_ade20k.py: DeiT-B's recipe, one interaction over the 12 blocks,
+# no ConvFFN, no extra extractors, no ViT features added to the outputs
+SPEC["ade20k_deit_light_base"] = dict(SPEC["ade20k_deit_base"], interaction_indexes=[[0, 11]], with_cffn=False,
+                                      use_extra_extractor=False, add_vit_feature=False)
 BEIT_L = dict(backbone="beit", size="large", lr=2e-5, weight_decay=0.05, layer_decay=0.90, custom_keys=False,
               norm=IMAGENET, drop_path=0.3, init_values=1e-6, head_channels=1024, with_cp=True, amp=False)
 SPEC.update({
@@ -76,7 +80,9 @@ def test_presets_are_the_released_configs(name):
     got["scale"], got["test_scale"], got["norm"] = tuple(a.scale), tuple(a.test_scale), tuple(map(tuple, a.norm))
     assert got == s
     assert (a.embed_dim, a.depth, a.num_heads, a.deform_heads, a.deform_ratio, a.interaction_indexes) == \
-           (dim, depth, heads, dheads, ratio, idx)
+           (dim, depth, heads, dheads, ratio, s.get("interaction_indexes", idx))
+    light = name.endswith("light_base")
+    assert (a.with_cffn, a.use_extra_extractor, a.add_vit_feature) == (not light,) * 3
     # shared (spec 1.8, 5.1, 5.4): 4 points, SPM 64, ConvFFN 0.25, warmup 1500, batch 16, slide inference
     assert (a.n_points, a.conv_inplane, a.cffn_ratio, a.warmup, a.batch_size, a.eval_mode) == \
            (4, 64, 0.25, 1500, 16, "slide")
