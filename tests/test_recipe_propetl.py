@@ -251,3 +251,25 @@ def test_training_loop_follows_the_mmengine_schedule(tmp_path):
     # mmengine: LinearLR over W=2 iterations has total_iters = end - begin - 1 = 1, so it reaches 1.0 at
     # iteration W-1 = 1; PolyLR(begin 2, end 4) then gives 1.0 at 2 and 0 at the last iteration 3
     assert lrs == pytest.approx([1e-9, 1e-3, 1e-3])
+
+
+class Stop(Exception):
+    pass
+
+
+def test_optimiser_is_adamw_of_the_configs(tmp_path, monkeypatch):
+    """Spec 2.5 / 3.4: AdamW, betas (0.9, 0.999), eps 1e-8, the preset's lr and weight decay on every
+    trainable tensor of the midstream (none is a norm): run() stopped where the optimiser gets its lr."""
+    seen = {}
+
+    def capture(optimizer, lr):
+        seen.update(optimizer=optimizer, lr=lr)
+        raise Stop
+
+    monkeypatch.setattr(P, "init_lr", capture)
+    with pytest.raises(Stop):
+        P.main(["--stage", "mid", *TINY, "--lr", "6e-5", "--weight-decay", "0.01", "--work-dir", str(tmp_path)])
+    opt = seen["optimizer"]
+    assert isinstance(opt, torch.optim.AdamW) and seen["lr"] == 6e-5
+    assert {(g["betas"], g["eps"], g["weight_decay"], g["amsgrad"]) for g in opt.param_groups} == \
+           {((0.9, 0.999), 1e-8, 0.01, False)}

@@ -289,3 +289,15 @@ def test_training_loop_follows_the_mmcv_schedule(tmp_path):
     lrs = [r["lr"] for r in map(json.loads, open(wd / "log.jsonl")) if "lr" in r]
     assert lrs == pytest.approx([1e-3 * warmup_poly_mmcv(k, 4, 2) for k in range(3)])
     assert lrs == pytest.approx([1e-9, 1e-3 * 0.75 * (1 - 0.5 * (1 - 1e-6)), 1e-3 * 0.5])
+
+
+def test_optimiser_is_adamw_with_layer_decay():
+    """Spec 5.1: AdamW, betas (0.9, 0.999), eps 1e-8; each group's lr = lr x rate^(depth + 1 - layer id)."""
+    a = tiny()
+    model = V.build_model(a, 6)
+    opt = V.build_optimizer(a, model)
+    assert isinstance(opt, torch.optim.AdamW)
+    assert {(g["betas"], g["eps"], g["amsgrad"]) for g in opt.param_groups} == {((0.9, 0.999), 1e-8, False)}
+    lr = {n: g["lr"] for g in opt.param_groups for n in g["names"]}
+    assert lr["backbone.blocks.0.attn.qkv.weight"] == pytest.approx(a.lr * 0.95 ** a.depth)
+    assert lr["backbone.spm.fc1.weight"] == pytest.approx(a.lr)

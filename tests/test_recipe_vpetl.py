@@ -192,3 +192,23 @@ def test_validation_and_test_crops(tmp_path):
     starts = [0, 0, 1, 2]  # int(k * (10 - 8) / 3)
     expected = [V.normalize(clips[t:t + 8, :, 4:36, s:s + 32]) for t in starts for s in (0, 12, 24)]
     torch.testing.assert_close(views, torch.stack(expected))
+
+
+def test_loop_sets_the_schedule_every_iteration(tmp_path, monkeypatch):
+    """Spec 3: the lr follows warmup-then-cosine at the fractional epoch e = epoch + it / iterations, set before
+    every iteration (4 iterations per epoch here, 1 warmup epoch: factors 0, 1/4, 1/2 for the first three)."""
+    factors = []
+    real = V.set_lr
+
+    def record(optimizer, factor):
+        factors.append(factor)
+        if len(factors) == 3:
+            raise Stop
+        real(optimizer, factor)
+
+    monkeypatch.setattr(V, "set_lr", record)
+    args = V.get_args(f"{TINY} --fulltune --batch-size 4 --num-workers 0 --synthetic-videos 16 4 4 --epochs 3 "
+                      f"--warmup-epochs 1 --device cpu --work-dir {tmp_path}".split())
+    with pytest.raises(Stop):
+        V.run(args)
+    assert factors == pytest.approx([0.0, 0.25, 0.5])
