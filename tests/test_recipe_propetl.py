@@ -15,13 +15,15 @@ from common.seg_data import TestTransform, TrainTransform
 from common.train import param_groups
 from tests.seg_layouts import write_layout
 
-TINY = ["--dataset", "synthetic", "--embed-dim", "16", "--depths", "1", "1", "2", "1", "--num-heads", "1", "2", "2", "4",
-        "--head-channels", "32", "--reduction", "4", "--batch-size", "4", "--workers", "0", "--num-samples", "8", "--vis", "0"]
+TINY = ["--dataset", "synthetic", "--embed-dim", "16", "--depths", "1", "1", "2", "1", "--num-heads", "1", "2", "2",
+        "4", "--head-channels", "32", "--reduction", "4", "--batch-size", "4", "--workers", "0", "--num-samples", "8",
+        "--vis", "0"]
 
 # spec 2.5 / 2.6 (midstream) and 3.4 / 5 (downstream); crop and pad (h, w); ADE20K downstream trains 512
 # crops padded to 640 (spec 7.1); test resize (2048, 512) keep-ratio everywhere (3.5)
 SPEC = {
-    ("voc", "mid"): dict(iters=20_000, warmup=250, lr=6e-5, weight_decay=0.01, scale=(2048, 512), crop=640, pad=640, r=24),
+    ("voc", "mid"): dict(iters=20_000, warmup=250, lr=6e-5, weight_decay=0.01, scale=(2048, 512), crop=640, pad=640,
+                         r=24),
     ("voc", "down"): dict(iters=40_000, warmup=500, lr=1e-4, weight_decay=0.01, scale=(2048, 512), crop=640, pad=640,
                           r=24),
     ("ade20k", "mid"): dict(iters=80_000, warmup=500, lr=6e-5, weight_decay=0.01, scale=(2560, 640), crop=640, pad=640,
@@ -63,7 +65,8 @@ def test_full_fine_tuning_recipe(dataset):
 
 def test_cityscapes_preset_is_mmseg_cityscapes_recipe():
     a = args_for("down", "cityscapes")
-    assert (a.crop, a.pad, tuple(a.scale), tuple(a.test_scale)) == ((512, 1024), (512, 1024), (2048, 1024), (2048, 1024))
+    assert (a.crop, a.pad, tuple(a.scale), tuple(a.test_scale)) == \
+           ((512, 1024), (512, 1024), (2048, 1024), (2048, 1024))
     assert a.iters == 80_000
 
 
@@ -109,7 +112,8 @@ def test_weight_decay_groups_of_full_fine_tuning():
     model = P.build_model(a, 150)
     where = {n: g["weight_decay"] for g in param_groups(model, a.weight_decay, P.NO_DECAY) for n in g["names"]}
     for n in ("backbone.layers.0.blocks.0.norm1.weight", "backbone.norm3.bias", "backbone.patch_embed.norm.weight",
-              "backbone.layers.2.blocks.1.attn.relative_position_bias_table", "backbone.layers.1.downsample.norm.weight"):
+              "backbone.layers.2.blocks.1.attn.relative_position_bias_table",
+              "backbone.layers.1.downsample.norm.weight"):
         assert where[n] == 0.0, n
     for n in ("decode_head.bottleneck.bn.weight", "auxiliary_head.convs.0.bn.bias", "decode_head.conv_seg.bias",
               "backbone.layers.0.blocks.0.attn.qkv.bias", "backbone.layers.0.blocks.0.mlp.fc1.weight"):
@@ -171,7 +175,8 @@ class ScriptedDropPath(nn.Module):
 
 def adapter(ad, x):
     """AdaptFormer adapter in eval: 0.1 * up(relu(down(x)))."""
-    return 0.1 * F.linear(F.relu(F.linear(x, ad.down_proj.weight, ad.down_proj.bias)), ad.up_proj.weight, ad.up_proj.bias)
+    h = F.relu(F.linear(x, ad.down_proj.weight, ad.down_proj.bias))
+    return 0.1 * F.linear(h, ad.up_proj.weight, ad.up_proj.bias)
 
 
 @pytest.mark.parametrize("kind", ["mid", "two_concat"])

@@ -253,9 +253,10 @@ def scratch_copy():
     return dst
 
 
-def pytest(tree, files, select=None, timeout=1800):
-    """True if the tests pass (the mutation survives)."""
-    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-rfE", "-p", "no:randomly", *[os.path.join("tests", f) for f in files]]
+def run_pytest(tree, files, select=None, timeout=1800):
+    """(True if the tests pass, i.e. the mutation survives; the first failure). A timeout counts as caught."""
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-rfE", "-p", "no:randomly",
+           *[os.path.join("tests", f) for f in files]]
     if select:
         cmd += ["-k", select]
     # the compiled op's cache of its own: a cache shared with another checkout is rebuilt at every switch
@@ -270,7 +271,7 @@ def pytest(tree, files, select=None, timeout=1800):
     return r.returncode == 0, (lines or r.stdout.strip().splitlines()[-1:] or [""])[0][:200]
 
 
-def test_files(m, suite, tree):
+def files_for(m, suite, tree):
     files = EXISTING[m.file] if suite == "existing" else RECIPE.get(m.file, ALL_RECIPE)
     missing = [f for f in files if not os.path.isfile(os.path.join(tree, "tests", f))]
     if missing:  # pytest would fail on them, and the mutation would count as caught
@@ -287,14 +288,14 @@ def run_one(tree, m, suite, files=None, with_e2e=False):
     with open(path, "w") as f:
         f.write(original.replace(m.old, m.new))
     try:
-        files = files or test_files(m, suite, tree)
+        files = files or files_for(m, suite, tree)
         if suite == "existing":  # unit tests first; the end-to-end runs only if asked and they all pass
             e2e = " or ".join(END_TO_END)
-            survived, why = pytest(tree, files, f"not ({e2e})")
+            survived, why = run_pytest(tree, files, f"not ({e2e})")
             if survived and with_e2e:
-                survived, why = pytest(tree, files, e2e)
+                survived, why = run_pytest(tree, files, e2e)
         else:
-            survived, why = pytest(tree, files)
+            survived, why = run_pytest(tree, files)
     finally:
         with open(path, "w") as f:
             f.write(original)
@@ -371,8 +372,8 @@ def main():
         for m in chosen:
             t0 = time.time()
             survived, why = run_one(tree, m, args.suite, args.files, args.e2e)
-            results.append(dict(id=m.id, file=m.file, what=m.what, suite=args.suite, e2e=args.e2e, survived=survived, why=why,
-                                seconds=round(time.time() - t0, 1)))
+            results.append(dict(id=m.id, file=m.file, what=m.what, suite=args.suite, e2e=args.e2e,
+                                survived=survived, why=why, seconds=round(time.time() - t0, 1)))
             print(f"{m.id:>4} {m.file:<20} {'SURVIVED' if survived else 'caught  '} {time.time() - t0:6.1f}s  "
                   f"{m.what}  {why}", flush=True)
             if args.out:
