@@ -54,7 +54,20 @@ def cleanup():
     that finishes first tears gloo down while rank 0 is still writing its checkpoint, and the job aborts."""
     if dist.is_initialized():
         dist.barrier()
+        _store_barrier("common.dist.cleanup")
         dist.destroy_process_group()
+
+
+def _store_barrier(key):
+    """Every rank has returned from the gloo barrier before any tears its connections down: gloo can fail a
+    peer whose last barrier message is still in flight when the other side closes (pytorch/gloo#155, seen
+    here as a rare non-zero exit of a finished torchrun job). The rendezvous store carries no gloo traffic."""
+    try:
+        store = dist.distributed_c10d._get_default_store()
+    except (AttributeError, RuntimeError, ValueError):  # private API: without it, the gloo barrier alone
+        return
+    store.set(f"{key}/{dist.get_rank()}", "1")
+    store.wait([f"{key}/{r}" for r in range(dist.get_world_size())])
 
 
 def barrier():

@@ -255,8 +255,9 @@ def test_quick_start_under_torchrun(tmp_path):
     """Two CPU processes (gloo): the midstream then the downstream stage, as the README's quick start."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "propetl.py", *TINY]
-    subprocess.run([*base, "--stage", "mid", "--iters", "4", "--work-dir", str(tmp_path / "mid")], cwd=ROOT,
-                   check=True, env=env, timeout=300, capture_output=True)
+    r = subprocess.run([*base, "--stage", "mid", "--iters", "4", "--work-dir", str(tmp_path / "mid")], cwd=ROOT,
+                       env=env, timeout=300, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     r = subprocess.run([*base, "--stage", "down", "--iters", "4", "--eval-interval", "4", "--vis", "2",
                         "--mid-checkpoint", str(tmp_path / "mid" / "last.pt"), "--work-dir", str(tmp_path / "down")],
                        cwd=ROOT, env=env, timeout=300, capture_output=True, text=True)
