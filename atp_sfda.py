@@ -336,13 +336,13 @@ def jitter_ops(x, fb, fc, fs, fh, order):
     return x
 
 
-def color_jitter(x, strength=0.2, hue=None):
+def color_jitter(x, strength=0.2):
     """kornia 0.5 ColorJitter(brightness=contrast=saturation=hue=strength): factors drawn per image,
     brightness / contrast / saturation in [1 - s, 1 + s], hue in [-s, s], one random order of the ops."""
     b = x.shape[0]
     u = lambda lo, hi: torch.rand(b, device=x.device) * (hi - lo) + lo  # noqa: E731
-    lo, hi, h = 1 - strength, 1 + strength, strength if hue is None else hue
-    return jitter_ops(x, u(lo, hi), u(lo, hi), u(lo, hi), u(-h, h), torch.randperm(4).tolist())
+    lo, hi = 1 - strength, 1 + strength
+    return jitter_ops(x, u(lo, hi), u(lo, hi), u(lo, hi), u(-strength, strength), torch.randperm(4).tolist())
 
 
 def blur_kernel_size(n):
@@ -371,17 +371,17 @@ class StrongAug:
     """One draw per iteration of the DACS decisions (jitter if u > 0.2, blur if u > 0.5); each call then
     draws its own jitter factors and blur sigma, as the release's strong_transform does."""
 
-    def __init__(self, device, strength=0.2, jitter_p=0.2, hue=None):
+    def __init__(self, device, strength=0.2, jitter_p=0.2):
         self.mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(STD, device=device).view(1, 3, 1, 1)
-        self.strength, self.hue = strength, strength if hue is None else hue
+        self.strength = strength
         self.jitter = torch.rand(()).item() > jitter_p
         self.blur = torch.rand(()).item() > 0.5
 
     def __call__(self, x):
         """x: normalised images (B, 3, H, W); returns a new tensor (never modifies x)."""
         if self.jitter:
-            x = color_jitter(x * self.std / 255 + self.mean / 255, self.strength, self.hue) * 255
+            x = color_jitter(x * self.std / 255 + self.mean / 255, self.strength) * 255
             x = (x - self.mean) / self.std
         if self.blur:
             x = gaussian_blur(x, float(torch.empty(()).uniform_(0.15, 1.15)))

@@ -69,7 +69,7 @@ from common.io import UserError, cli, load_checkpoint, load_state_dict_checked, 
 from common.metrics import SYNTHIA13, SYNTHIA16, SegMetric, subset_miou
 from common.mit import MIT_SIZES, MixVisionTransformer, load_mit_pretrained
 from common.palettes import get_palette
-from common.seg_data import (DATASETS, SegDataset, SyntheticSeg, TestTransform, TrainTransform, apply_transform,
+from common.seg_data import (DATASETS, SyntheticSeg, TestTransform, TrainTransform, apply_transform,
                              build_dataset, read_label, resize_nearest)
 from common.segment import EncoderDecoder, collate_single, evaluate, overlay_writer, predict
 from common.swin import SWIN_SIZES, DropPath, SwinTransformer, load_swin_pretrained
@@ -1063,6 +1063,7 @@ def run(args, info, num_classes):
         elif args.preset != "synthetic" and info.is_main:
             print("note: no --pretrained: the backbone starts from scratch (the recipe starts from ImageNet)")
     model.to(dev)
+    D.broadcast_params(model)  # one model on every process: the adapter's random init is drawn per process
     opt = build_optimizer(model, args, SOURCE_KEYS if source else ADAPT_KEYS)
     n = len(train_set)
     corr = None if source or args.no_update_pseudo else LabelCorrection(

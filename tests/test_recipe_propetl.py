@@ -15,13 +15,15 @@ from common.seg_data import TestTransform, TrainTransform
 from common.train import param_groups
 from tests.seg_layouts import write_layout
 
-TINY = ["--dataset", "synthetic", "--embed-dim", "16", "--depths", "1", "1", "2", "1", "--num-heads", "1", "2", "2", "4",
-        "--head-channels", "32", "--reduction", "4", "--batch-size", "4", "--workers", "0", "--num-samples", "8", "--vis", "0"]
+TINY = ["--dataset", "synthetic", "--embed-dim", "16", "--depths", "1", "1", "2", "1", "--num-heads", "1", "2", "2",
+        "4", "--head-channels", "32", "--reduction", "4", "--batch-size", "4", "--workers", "0", "--num-samples", "8",
+        "--vis", "0"]
 
 # spec 2.5 / 2.6 (midstream) and 3.4 / 5 (downstream); crop and pad (h, w); ADE20K downstream trains 512
 # crops padded to 640 (spec 7.1); test resize (2048, 512) keep-ratio everywhere (3.5)
 SPEC = {
-    ("voc", "mid"): dict(iters=20_000, warmup=250, lr=6e-5, weight_decay=0.01, scale=(2048, 512), crop=640, pad=640, r=24),
+    ("voc", "mid"): dict(iters=20_000, warmup=250, lr=6e-5, weight_decay=0.01, scale=(2048, 512), crop=640, pad=640,
+                         r=24),
     ("voc", "down"): dict(iters=40_000, warmup=500, lr=1e-4, weight_decay=0.01, scale=(2048, 512), crop=640, pad=640,
                           r=24),
     ("ade20k", "mid"): dict(iters=80_000, warmup=500, lr=6e-5, weight_decay=0.01, scale=(2560, 640), crop=640, pad=640,
@@ -63,7 +65,8 @@ def test_full_fine_tuning_recipe(dataset):
 
 def test_cityscapes_preset_is_mmseg_cityscapes_recipe():
     a = args_for("down", "cityscapes")
-    assert (a.crop, a.pad, tuple(a.scale), tuple(a.test_scale)) == ((512, 1024), (512, 1024), (2048, 1024), (2048, 1024))
+    assert (a.crop, a.pad, tuple(a.scale), tuple(a.test_scale)) == \
+           ((512, 1024), (512, 1024), (2048, 1024), (2048, 1024))
     assert a.iters == 80_000
 
 
@@ -109,7 +112,8 @@ def test_weight_decay_groups_of_full_fine_tuning():
     model = P.build_model(a, 150)
     where = {n: g["weight_decay"] for g in param_groups(model, a.weight_decay, P.NO_DECAY) for n in g["names"]}
     for n in ("backbone.layers.0.blocks.0.norm1.weight", "backbone.norm3.bias", "backbone.patch_embed.norm.weight",
-              "backbone.layers.2.blocks.1.attn.relative_position_bias_table", "backbone.layers.1.downsample.norm.weight"):
+              "backbone.layers.2.blocks.1.attn.relative_position_bias_table",
+              "backbone.layers.1.downsample.norm.weight"):
         assert where[n] == 0.0, n
     for n in ("decode_head.bottleneck.bn.weight", "auxiliary_head.convs.0.bn.bias", "decode_head.conv_seg.bias",
               "backbone.layers.0.blocks.0.attn.qkv.bias", "backbone.layers.0.blocks.0.mlp.fc1.weight"):
@@ -171,7 +175,8 @@ class ScriptedDropPath(nn.Module):
 
 def adapter(ad, x):
     """AdaptFormer adapter in eval: 0.1 * up(relu(down(x)))."""
-    return 0.1 * F.linear(F.relu(F.linear(x, ad.down_proj.weight, ad.down_proj.bias)), ad.up_proj.weight, ad.up_proj.bias)
+    h = F.relu(F.linear(x, ad.down_proj.weight, ad.down_proj.bias))
+    return 0.1 * F.linear(h, ad.up_proj.weight, ad.up_proj.bias)
 
 
 @pytest.mark.parametrize("kind", ["mid", "two_concat"])
@@ -248,4 +253,28 @@ def test_training_loop_follows_the_mmengine_schedule(tmp_path):
             "--lr", "1e-3", "--work-dir", str(wd)])
     lrs = [r["lr"] for r in map(json.loads, open(wd / "log.jsonl")) if "lr" in r]
     assert lrs == pytest.approx([1e-3 * warmup_poly(k, 4, 2) for k in range(3)])
-    assert lrs == pytest.approx([1e-9, 1e-3 * (1e-6 + (1 - 1e-6) / 2), 1e-3])
+    # mmengine: LinearLR over W=2 iterations has total_iters = end - begin - 1 = 1, so it reaches 1.0 at
+    # iteration W-1 = 1; PolyLR(begin 2, end 4) then gives 1.0 at 2 and 0 at the last iteration 3
+    assert lrs == pytest.approx([1e-9, 1e-3, 1e-3])
+
+
+class Stop(Exception):
+    pass
+
+
+def test_optimiser_is_adamw_of_the_configs(tmp_path, monkeypatch):
+    """Spec 2.5 / 3.4: AdamW, betas (0.9, 0.999), eps 1e-8, the preset's lr and weight decay on every
+    trainable tensor of the midstream (none is a norm): run() stopped where the optimiser gets its lr."""
+    seen = {}
+
+    def capture(optimizer, lr):
+        seen.update(optimizer=optimizer, lr=lr)
+        raise Stop
+
+    monkeypatch.setattr(P, "init_lr", capture)
+    with pytest.raises(Stop):
+        P.main(["--stage", "mid", *TINY, "--lr", "6e-5", "--weight-decay", "0.01", "--work-dir", str(tmp_path)])
+    opt = seen["optimizer"]
+    assert isinstance(opt, torch.optim.AdamW) and seen["lr"] == 6e-5
+    assert {(g["betas"], g["eps"], g["weight_decay"], g["amsgrad"]) for g in opt.param_groups} == \
+           {((0.9, 0.999), 1e-8, 0.01, False)}

@@ -50,6 +50,10 @@ SPEC = {
                                 custom_keys=False, norm=HALF, drop_path=0.4, init_values=0.0, head_channels=512,
                                 with_cp=True, pretrain_size=384, amp=False),
 }
+# upernet_deit_adapter_light_base_512_160k_ade20k.py: DeiT-B's recipe, one interaction over the 12 blocks,
+# no ConvFFN, no extra extractors, no ViT features added to the outputs
+SPEC["ade20k_deit_light_base"] = dict(SPEC["ade20k_deit_base"], interaction_indexes=[[0, 11]], with_cffn=False,
+                                      use_extra_extractor=False, add_vit_feature=False)
 BEIT_L = dict(backbone="beit", size="large", lr=2e-5, weight_decay=0.05, layer_decay=0.90, custom_keys=False,
               norm=IMAGENET, drop_path=0.3, init_values=1e-6, head_channels=1024, with_cp=True, amp=False)
 SPEC.update({
@@ -76,11 +80,14 @@ def test_presets_are_the_released_configs(name):
     got["scale"], got["test_scale"], got["norm"] = tuple(a.scale), tuple(a.test_scale), tuple(map(tuple, a.norm))
     assert got == s
     assert (a.embed_dim, a.depth, a.num_heads, a.deform_heads, a.deform_ratio, a.interaction_indexes) == \
-           (dim, depth, heads, dheads, ratio, idx)
+           (dim, depth, heads, dheads, ratio, s.get("interaction_indexes", idx))
+    light = name.endswith("light_base")
+    assert (a.with_cffn, a.use_extra_extractor, a.add_vit_feature) == (not light,) * 3
     # shared (spec 1.8, 5.1, 5.4): 4 points, SPM 64, ConvFFN 0.25, warmup 1500, batch 16, slide inference
     assert (a.n_points, a.conv_inplane, a.cffn_ratio, a.warmup, a.batch_size, a.eval_mode) == \
            (4, 64, 0.25, 1500, 16, "slide")
-    assert V.PRESETS.keys() == set(SPEC) | {"synthetic"}
+    upernet = {k for k, p in V.PRESETS.items() if getattr(p, "head", "upernet") == "upernet"} - {"synthetic"}
+    assert upernet == set(SPEC), "a preset without its row here: add the config's values from the spec"
 
 
 def meta_model(name):
@@ -282,3 +289,15 @@ def test_training_loop_follows_the_mmcv_schedule(tmp_path):
     lrs = [r["lr"] for r in map(json.loads, open(wd / "log.jsonl")) if "lr" in r]
     assert lrs == pytest.approx([1e-3 * warmup_poly_mmcv(k, 4, 2) for k in range(3)])
     assert lrs == pytest.approx([1e-9, 1e-3 * 0.75 * (1 - 0.5 * (1 - 1e-6)), 1e-3 * 0.5])
+
+
+def test_optimiser_is_adamw_with_layer_decay():
+    """Spec 5.1: AdamW, betas (0.9, 0.999), eps 1e-8; each group's lr = lr x rate^(depth + 1 - layer id)."""
+    a = tiny()
+    model = V.build_model(a, 6)
+    opt = V.build_optimizer(a, model)
+    assert isinstance(opt, torch.optim.AdamW)
+    assert {(g["betas"], g["eps"], g["amsgrad"]) for g in opt.param_groups} == {((0.9, 0.999), 1e-8, False)}
+    lr = {n: g["lr"] for g in opt.param_groups for n in g["names"]}
+    assert lr["backbone.blocks.0.attn.qkv.weight"] == pytest.approx(a.lr * 0.95 ** a.depth)
+    assert lr["backbone.spm.fc1.weight"] == pytest.approx(a.lr)

@@ -22,11 +22,11 @@ def test_defaults_are_the_readme_recipe():
     (8, 7, 7), drop path 0.4; adapter 64 / scale 0.1; PATT kv, m = 128, s = 0.8 (README); SGD momentum 0.9,
     blr 0.1, weight decay 0, 70 epochs, 10 warmup, batch 16 per process, min lr 0; the head trains."""
     a = V.get_args([])
-    got = {k: getattr(a, k) for k in ("num_frames", "sampling_rate", "input_size", "short_side_size", "test_num_segment",
-                                      "test_num_crop", "model", "window_size", "drop_path", "ffn_num", "ffn_scale",
-                                      "att_prefix_mode", "att_mid_dim", "att_prefix_scale", "opt", "momentum", "blr",
-                                      "lr", "weight_decay", "min_lr", "epochs", "warmup_epochs", "batch_size", "tbl_fc",
-                                      "fulltune", "patt_zero_init")}
+    keys = ("num_frames", "sampling_rate", "input_size", "short_side_size", "test_num_segment", "test_num_crop", "model",
+            "window_size", "drop_path", "ffn_num", "ffn_scale", "att_prefix_mode", "att_mid_dim", "att_prefix_scale",
+            "opt", "momentum", "blr", "lr", "weight_decay", "min_lr", "epochs", "warmup_epochs", "batch_size", "tbl_fc",
+            "fulltune", "patt_zero_init")
+    got = {k: getattr(a, k) for k in keys}
     assert got == dict(num_frames=8, sampling_rate=2, input_size=224, short_side_size=224, test_num_segment=4,
                        test_num_crop=3, model="swin_base", window_size=[8, 7, 7], drop_path=0.4, ffn_num=64,
                        ffn_scale=0.1, att_prefix_mode="patt_kv", att_mid_dim=128, att_prefix_scale=0.8, opt="sgd",
@@ -49,10 +49,12 @@ def test_swin_b_structure():
     assert rates == pytest.approx([0.4 * i / 23 for i in range(24)])
     for b, c in zip((blocks[0], blocks[2], blocks[4], blocks[23]), (128, 256, 512, 1024)):
         ad, patt = b.mlp.adaptmlp, b.attn
-        assert (ad.down_proj.in_features, ad.down_proj.out_features, ad.up_proj.out_features, ad.scale) == (c, 64, c, 0.1)
+        assert (ad.down_proj.in_features, ad.down_proj.out_features, ad.up_proj.out_features, ad.scale) == \
+               (c, 64, c, 0.1)
         assert (patt.qkv_adapter[0].out_features, patt.qkv_adapter[2].out_features) == (128, 2 * c)
         assert (patt.targets, patt.patt_scale) == ("kv", 0.8)
-    assert isinstance(model.fc[0], nn.Conv3d) and model.fc[0].kernel_size == (1, 1, 1) and model.fc[0].out_channels == 51
+    head = model.fc[0]
+    assert isinstance(head, nn.Conv3d) and head.kernel_size == (1, 1, 1) and head.out_channels == 51
 
 
 class ScriptedDropPath(nn.Module):
@@ -192,3 +194,23 @@ def test_validation_and_test_crops(tmp_path):
     starts = [0, 0, 1, 2]  # int(k * (10 - 8) / 3)
     expected = [V.normalize(clips[t:t + 8, :, 4:36, s:s + 32]) for t in starts for s in (0, 12, 24)]
     torch.testing.assert_close(views, torch.stack(expected))
+
+
+def test_loop_sets_the_schedule_every_iteration(tmp_path, monkeypatch):
+    """Spec 3: the lr follows warmup-then-cosine at the fractional epoch e = epoch + it / iterations, set before
+    every iteration (4 iterations per epoch here, 1 warmup epoch: factors 0, 1/4, 1/2 for the first three)."""
+    factors = []
+    real = V.set_lr
+
+    def record(optimizer, factor):
+        factors.append(factor)
+        if len(factors) == 3:
+            raise Stop
+        real(optimizer, factor)
+
+    monkeypatch.setattr(V, "set_lr", record)
+    args = V.get_args(f"{TINY} --fulltune --batch-size 4 --num-workers 0 --synthetic-videos 16 4 4 --epochs 3 "
+                      f"--warmup-epochs 1 --device cpu --work-dir {tmp_path}".split())
+    with pytest.raises(Stop):
+        V.run(args)
+    assert factors == pytest.approx([0.0, 0.25, 0.5])

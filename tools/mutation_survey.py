@@ -2,18 +2,19 @@
 by the test files that should catch it. A mutation the tests do not catch ("survives") marks a hole in the
 suite: a wrong recipe value or a mis-wired module that would silently change a user's numbers.
 
-    python tools/mutation_survey.py --check                  # every mutation applies and still imports
-    python tools/mutation_survey.py --suite recipe           # the tests/test_recipe_*.py files (minutes)
-    python tools/mutation_survey.py --suite existing -o existing.json   # the other test files (hours)
-    python tools/mutation_survey.py --suite recipe --only 1 7 S2        # some of them
-    python tools/mutation_survey.py --table existing.json recipe.json   # the README's figures by file
+    python tools/mutation_survey.py --check                        # every mutation applies and still imports
+    python tools/mutation_survey.py --suite recipe -o recipe.json  # judged by tests/test_recipe_*.py (~20 min)
+    python tools/mutation_survey.py --suite existing -o existing.json   # by the other test files (~2 h)
+    python tools/mutation_survey.py --suite recipe --only 1 7 S2   # some of them
+    python tools/mutation_survey.py --table existing.json recipe.json   # the README's figures, per file
 
-The working tree is never modified: the tracked and untracked (not ignored) files are copied to a temporary
-folder, each mutation is applied there (an exact, unique string replacement), pytest runs on the mutation's
-test files with -x, and the file is restored. ``--suite existing`` runs, per mutated file, the test files
-that exercise it (EXISTING below) in two phases: the unit tests first, the end-to-end runs (training,
-torchrun) only if the unit tests all passed. ``--suite recipe`` runs the tests/test_recipe_*.py files.
-Ids 1-18 are the mutations listed in issue 12, the others our own survey (S = second round).
+The working tree is never modified: its tracked and untracked (not ignored) files are copied to a temporary
+folder, each mutation is applied there (an exact string replacement that must match once), pytest runs
+the mutation's test files with -x, and the file is restored. ``--suite existing`` runs, per mutated file,
+the test files that exercise it (EXISTING below) without their end-to-end runs (END_TO_END: training,
+torchrun; minutes per mutation); ``--e2e`` adds those for the mutations the unit tests miss.
+``--suite recipe`` runs the recipe tests (RECIPE / ALL_RECIPE). Ids 1-18 are the changes listed in
+issue 12, S1-S55 our own survey, B1-B8 a blind round written after the recipe tests.
 """
 import argparse
 import json
@@ -193,6 +194,23 @@ MUTATIONS = [
       "set_lr(opt, warmup_poly(it + 1, args.iters, args.warmup))", "ProPETL loop sets the next iteration's lr"),
     M("S55", "vit_adapter_seg.py", "set_lr(opt, warmup_poly_mmcv(it, args.iters, args.warmup))",
       "set_lr(opt, warmup_poly_mmcv(it, args.iters, args.warmup, power=0.9))", "ViT-Adapter poly power 0.9"),
+    # a blind round, written after the recipe tests: how many neighbours do they catch untargeted?
+    M("B1", "common/segment.py", "return resize(self.decode_head(self.backbone(img)), img.shape[2:])",
+      "return self.decode_head(self.backbone(img))", "inference logits left at stride 4"),
+    M("B2", "common/upernet.py", "self.dropout = nn.Dropout2d(dropout_ratio)", "self.dropout = nn.Dropout(dropout_ratio)",
+      "heads drop pixels instead of channels"),
+    M("B3", "propetl.py", "args.crop, args.pad = _pair(args.crop or stage[\"crop\"]), _pair(stage[\"pad\"])",
+      "args.crop, args.pad = _pair(args.crop or stage[\"crop\"]), _pair(stage[\"crop\"])", "batch padded to the crop"),
+    M("B4", "propetl.py", "opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999),",
+      "opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.99),", "ProPETL AdamW beta2 0.99"),
+    M("B5", "vit_adapter_seg.py", "opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999),",
+      "opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.99),", "ViT-Adapter AdamW beta2 0.99"),
+    M("B6", "vit_adapter_seg.py", "ref, self.feat_norm(c), shapes, starts)", "ref, self.query_norm(c), shapes, starts)",
+      "injector normalises the prior with the query's norm"),
+    M("B7", "vpetl_video.py", "set_lr(optimizer, warmup_cosine(epoch + it / iters,", "set_lr(optimizer, warmup_cosine(epoch,",
+      "V-PETL schedule stepped per epoch"),
+    M("B8", "vpetl_video.py", "return super().forward(h) + self.adaptmlp(h)", "return super().forward(h) + 0.1 * self.adaptmlp(h)",
+      "adapter scaled twice"),
 ]
 
 # per mutated file, the existing test files that exercise it, fast files first
@@ -235,9 +253,10 @@ def scratch_copy():
     return dst
 
 
-def pytest(tree, files, select=None, timeout=1800):
-    """True if the tests pass (the mutation survives)."""
-    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-rfE", "-p", "no:randomly", *[os.path.join("tests", f) for f in files]]
+def run_pytest(tree, files, select=None, timeout=1800):
+    """(True if the tests pass, i.e. the mutation survives; the first failure). A timeout counts as caught."""
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-rfE", "-p", "no:randomly",
+           *[os.path.join("tests", f) for f in files]]
     if select:
         cmd += ["-k", select]
     # the compiled op's cache of its own: a cache shared with another checkout is rebuilt at every switch
@@ -252,7 +271,7 @@ def pytest(tree, files, select=None, timeout=1800):
     return r.returncode == 0, (lines or r.stdout.strip().splitlines()[-1:] or [""])[0][:200]
 
 
-def test_files(m, suite, tree):
+def files_for(m, suite, tree):
     files = EXISTING[m.file] if suite == "existing" else RECIPE.get(m.file, ALL_RECIPE)
     missing = [f for f in files if not os.path.isfile(os.path.join(tree, "tests", f))]
     if missing:  # pytest would fail on them, and the mutation would count as caught
@@ -269,14 +288,14 @@ def run_one(tree, m, suite, files=None, with_e2e=False):
     with open(path, "w") as f:
         f.write(original.replace(m.old, m.new))
     try:
-        files = files or test_files(m, suite, tree)
+        files = files or files_for(m, suite, tree)
         if suite == "existing":  # unit tests first; the end-to-end runs only if asked and they all pass
             e2e = " or ".join(END_TO_END)
-            survived, why = pytest(tree, files, f"not ({e2e})")
+            survived, why = run_pytest(tree, files, f"not ({e2e})")
             if survived and with_e2e:
-                survived, why = pytest(tree, files, e2e)
+                survived, why = run_pytest(tree, files, e2e)
         else:
-            survived, why = pytest(tree, files)
+            survived, why = run_pytest(tree, files)
     finally:
         with open(path, "w") as f:
             f.write(original)
@@ -302,29 +321,31 @@ def check(tree):
         print(f"{m.id:>4} {m.file:<20} {'ok' if ok else 'BROKEN (occurs %d times or fails to import)' % n}")
 
 
-def group(file):
-    return file
-
-
 def table(paths):
-    """Per file: tried, caught by the existing files, caught with the recipe tests too."""
-    results = [json.load(open(p)) for p in paths]
-    by_id = {}
-    for res in results:
-        for r in res:
-            by_id.setdefault(r["id"], {}).update({r["suite"]: r["survived"]})
-    rows = OrderedDict()
+    """Per mutated file and in total: mutations tried, caught by the existing tests, caught once the recipe
+    tests are added (a Markdown table, as in the README)."""
+    seen = {}
+    for path in paths:
+        with open(path) as f:
+            for r in json.load(f):
+                seen.setdefault(r["id"], {})[r["suite"]] = not r["survived"]
+    rows = OrderedDict((f, [0, 0, 0]) for f in EXISTING)
+    totals = OrderedDict((k, [0, 0, 0]) for k in ("issue 12's changes", "our survey", "blind round", "all"))
     for m in MUTATIONS:
-        r = by_id.get(m.id, {})
-        row = rows.setdefault((m.id.isdigit(), m.file), [0, 0, 0])
-        row[0] += 1
-        row[1] += r.get("existing") is False
-        row[2] += r.get("existing") is False or r.get("recipe") is False
-    print(f"{'mutations':<10} {'file':<20} {'tried':>5} {'caught before':>14} {'caught after':>13}")
-    for (listed, file), (n, before, after) in rows.items():
-        print(f"{'issue 12' if listed else 'survey':<10} {file:<20} {n:>5} {before:>14} {after:>13}")
-    tot = [sum(r[i] for r in rows.values()) for i in range(3)]
-    print(f"{'all':<10} {'':<20} {tot[0]:>5} {tot[1]:>14} {tot[2]:>13}")
+        caught = seen.get(m.id, {})
+        if "existing" not in caught or "recipe" not in caught:
+            continue
+        before = caught["existing"]
+        after = before or caught["recipe"]
+        kind = "issue 12's changes" if m.id.isdigit() else "blind round" if m.id.startswith("B") else "our survey"
+        for row in (rows[m.file], totals[kind], totals["all"]):
+            row[0], row[1], row[2] = row[0] + 1, row[1] + before, row[2] + after
+    print("| mutated file | tried | caught before | caught after |")
+    print("| --- | ---: | ---: | ---: |")
+    for name, (n, before, after) in list(rows.items()) + list(totals.items()):
+        if n:
+            label = f"`{name}`" if name in rows else f"**{name}**"
+            print(f"| {label} | {n} | {before} | {after} |")
 
 
 def main():
@@ -351,8 +372,8 @@ def main():
         for m in chosen:
             t0 = time.time()
             survived, why = run_one(tree, m, args.suite, args.files, args.e2e)
-            results.append(dict(id=m.id, file=m.file, what=m.what, suite=args.suite, e2e=args.e2e, survived=survived, why=why,
-                                seconds=round(time.time() - t0, 1)))
+            results.append(dict(id=m.id, file=m.file, what=m.what, suite=args.suite, e2e=args.e2e,
+                                survived=survived, why=why, seconds=round(time.time() - t0, 1)))
             print(f"{m.id:>4} {m.file:<20} {'SURVIVED' if survived else 'caught  '} {time.time() - t0:6.1f}s  "
                   f"{m.what}  {why}", flush=True)
             if args.out:
