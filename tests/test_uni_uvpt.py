@@ -80,7 +80,7 @@ def test_mit_variant_starts_as_the_source_model_and_ignores_its_level_embed():
     plain.eval(), prompted.eval()
     x = torch.randn(1, 3, 128, 64)
     with torch.no_grad():
-        ref, (feats, injected) = plain(x), prompted(x)
+        ref, (feats, _) = plain(x), prompted(x)
         for a, b in zip(feats, ref):
             assert a.shape == b.shape and 0 < (a - b).abs().max() < 1e-4
         for inter in prompted.interactions:
