@@ -102,8 +102,9 @@ PRESETS = {
     # no files: SyntheticSeg's source and target domains, 128x128 images, 6 classes, toy backbones
     "synthetic": dict(source="synthetic", target="synthetic", source_scale=(128, 128), target_scale=(128, 128),
                       test_scale=(128, 128), num_classes=6, crop=128, backbone="swin_toy",
-                      source_lr=1e-3, adapt_lr=2e-4, source_iters=900, adapt_iters=100, warmup=30,
-                      source_batch=8, adapt_batch=4, eval_interval=50, curve_interval=5, queue=20),
+                      source_lr=1e-3, adapt_lr=2e-4, source_iters=900, adapt_iters=50, warmup=30,
+                      source_batch=8, adapt_batch=4, eval_interval=dict(source=50, adapt=25), curve_interval=5,
+                      queue=20),
 }
 RECIPE = dict(  # the official values where a preset says nothing else
     backbone="swin_b", source_iters=400_000, warmup=1500, source_batch=2, adapt_iters=80_000, adapt_batch=1,
@@ -183,7 +184,7 @@ def get_args(argv=None):
                 iters=pr[f"{stage}_iters"], batch_size=pr[f"{stage}_batch"],
                 lr=_for_backbone(pr[f"{stage}_lr"], args.backbone), warmup=pr["warmup"], crop=pr["crop"],
                 scale=pr["source_scale" if source else "target_scale"], test_scale=pr["test_scale"],
-                eval_interval=pr["eval_interval"], curve_interval=pr["curve_interval"], queue=pr["queue"])
+                eval_interval=_per_stage(pr["eval_interval"], stage), curve_interval=pr["curve_interval"], queue=pr["queue"])
     for k, v in fill.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -210,6 +211,10 @@ def get_args(argv=None):
     if not source and not args.eval_only and not args.pseudo_dir:
         p.error(f"--stage {args.stage} needs --pseudo-dir (where --stage pseudo writes and --stage adapt reads)")
     return args
+
+
+def _per_stage(value, stage):
+    return value[stage] if isinstance(value, dict) else value
 
 
 def _for_backbone(value, backbone):

@@ -80,7 +80,7 @@ def test_mit_variant_starts_as_the_source_model_and_ignores_its_level_embed():
     plain.eval(), prompted.eval()
     x = torch.randn(1, 3, 128, 64)
     with torch.no_grad():
-        ref, (feats, injected) = plain(x), prompted(x)
+        ref, (feats, _) = plain(x), prompted(x)
         for a, b in zip(feats, ref):
             assert a.shape == b.shape and 0 < (a - b).abs().max() < 1e-4
         for inter in prompted.interactions:
@@ -700,13 +700,13 @@ def test_adapted_model_beats_the_source_model_on_the_target(tmp_path):
     the target val split). The adapted model is not worse on the target val split than the source model it
     started from (on the helper's branch seeds 0 / 1 / 2 measured +3.7 / +6.0 / +4.8; on main +1.6)."""
     syn = [*SYN, "--num-samples", "32", "--seed", "1"]
-    src = U.main(["--stage", "source", *syn, "--iters", "300", "--lr", "4e-3", "--eval-interval", "300",
-                  "--work-dir", str(tmp_path / "s")])
+    src = U.main(["--stage", "source", *syn, "--iters", "300", "--batch-size", "4", "--lr", "4e-3",
+                  "--eval-interval", "300", "--work-dir", str(tmp_path / "s")])
     ckpt = str(tmp_path / "s" / "best.pt")
     pseudo = U.main(["--stage", "pseudo", *syn, "--source-checkpoint", ckpt, "--pseudo-dir", str(tmp_path / "pl"),
                      "--eval-pseudo", "--work-dir", str(tmp_path / "p")])
     U.main(["--stage", "adapt", *syn, "--source-checkpoint", ckpt, "--pseudo-dir", str(tmp_path / "pl"),
-            "--iters", "30", "--eval-interval", "10", "--work-dir", str(tmp_path / "a")])
+            "--iters", "30", "--batch-size", "2", "--eval-interval", "10", "--work-dir", str(tmp_path / "a")])
     evals = [json.loads(line)["mIoU"] for line in open(tmp_path / "a" / "log.jsonl") if '"mIoU"' in line]
     best = load_checkpoint(tmp_path / "a" / "best.pt")
     assert len(evals) == 3 and best["mIoU"] == max(evals)
