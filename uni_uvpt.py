@@ -65,6 +65,7 @@ from tqdm import tqdm
 
 from common import dist as D
 from common.daformer import DAFormerHead
+from common.deform_adapter import Extractor, Injector, adapter_init, conv_bn_relu, pyramid, reference_points
 from common.io import UserError, cli, load_checkpoint, load_state_dict_checked, unwrap_state_dict
 from common.metrics import SYNTHIA13, SYNTHIA16, SegMetric, subset_miou
 from common.mit import MIT_SIZES, MixVisionTransformer, load_mit_pretrained
@@ -72,7 +73,7 @@ from common.palettes import get_palette
 from common.seg_data import (DATASETS, SyntheticSeg, TestTransform, TrainTransform, apply_transform,
                              build_dataset, read_label, resize_nearest)
 from common.segment import EncoderDecoder, collate_single, evaluate, overlay_writer, predict
-from common.swin import SWIN_SIZES, DropPath, SwinTransformer, load_swin_pretrained
+from common.swin import SWIN_SIZES, SwinTransformer, load_swin_pretrained
 from common.train import (RunBook, count_params, freeze_all_but, init_lr, set_lr, summary, warmup_cosine,
                           warmup_poly_mmcv)
 from ops import MSDeformAttn
@@ -228,10 +229,6 @@ def _for_backbone(value, backbone):
 # Model: the prompt adapter (spec 2.3). SPM = "prompt generator", interactions = "prompt interactors".
 # Injector, Extractor and ConvFFN are ViT-Adapter's modules unchanged (same names, same keys).
 
-def _conv_bn_relu(cin, cout, stride):
-    return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
-
-
 class SpatialPriorModule(nn.Module):
     """ViT-Adapter's stem with a stride-1 max-pool: prompts at strides 2 / 4 / 8 of the image (c1..c3),
     each projected to the stage-0 width by a 1x1 conv with bias. conv4 (stride 16) is computed and its
@@ -239,11 +236,11 @@ class SpatialPriorModule(nn.Module):
 
     def __init__(self, inplanes=64, embed_dim=128):
         super().__init__()
-        self.stem = nn.Sequential(*_conv_bn_relu(3, inplanes, 2), *_conv_bn_relu(inplanes, inplanes, 1),
-                                  *_conv_bn_relu(inplanes, inplanes, 1), nn.MaxPool2d(3, 1, 1))
-        self.conv2 = nn.Sequential(*_conv_bn_relu(inplanes, 2 * inplanes, 2))
-        self.conv3 = nn.Sequential(*_conv_bn_relu(2 * inplanes, 4 * inplanes, 2))
-        self.conv4 = nn.Sequential(*_conv_bn_relu(4 * inplanes, 4 * inplanes, 2))
+        self.stem = nn.Sequential(*conv_bn_relu(3, inplanes, 2), *conv_bn_relu(inplanes, inplanes, 1),
+                                  *conv_bn_relu(inplanes, inplanes, 1), nn.MaxPool2d(3, 1, 1))
+        self.conv2 = nn.Sequential(*conv_bn_relu(inplanes, 2 * inplanes, 2))
+        self.conv3 = nn.Sequential(*conv_bn_relu(2 * inplanes, 4 * inplanes, 2))
+        self.conv4 = nn.Sequential(*conv_bn_relu(4 * inplanes, 4 * inplanes, 2))
         self.fc1 = nn.Conv2d(inplanes, embed_dim, 1)
         self.fc2 = nn.Conv2d(2 * inplanes, embed_dim, 1)
         self.fc3 = nn.Conv2d(4 * inplanes, embed_dim, 1)
@@ -257,90 +254,16 @@ class SpatialPriorModule(nn.Module):
         return [fc(c).flatten(2).transpose(1, 2) for fc, c in ((self.fc1, c1), (self.fc2, c2), (self.fc3, c3))]
 
 
-def reference_points(shapes, device):
-    """Pixel centres ((x + 0.5) / w, (y + 0.5) / h) of every cell of every (h, w) grid, row-major:
-    (1, sum h*w, 1, 2), (x, y) last."""
-    refs = []
-    for h, w in shapes:
-        ys, xs = torch.meshgrid(torch.arange(h, device=device, dtype=torch.float32),
-                                torch.arange(w, device=device, dtype=torch.float32), indexing="ij")
-        refs.append(torch.stack([(xs.flatten() + 0.5) / w, (ys.flatten() + 0.5) / h], -1))
-    return torch.cat(refs)[None, :, None]
-
-
 def deform_inputs(h, w, device):
     """(reference points, spatial shapes, level starts) for a stage whose tokens form an (h, w) grid:
     the injector's queries are the tokens and its 3 value levels the prompt grids (2h, 2w), (h, w),
     (h/2, w/2); the extractor's queries are all prompt tokens and its one value level the token grid."""
-    grids = [(2 * h, 2 * w), (h, w), (h // 2, w // 2)]
+    grids = pyramid(h, w)
     shapes = torch.as_tensor(grids, dtype=torch.long, device=device)
     starts = torch.cat([shapes.new_zeros(1), shapes.prod(1).cumsum(0)[:-1]])
     inj = (reference_points([(h, w)], device), shapes, starts)
     ext = (reference_points(grids, device), shapes[1:2], shapes.new_zeros(1))
     return inj, ext
-
-
-class DWConv(nn.Module):
-    """One depth-wise 3x3 conv shared by the three prompt grids, whose tokens are 16n / 4n / n of N = 21n."""
-
-    def __init__(self, dim):
-        super().__init__()
-        self.dwconv = nn.Conv2d(dim, dim, 3, 1, 1, groups=dim)
-
-    def forward(self, x, h, w):
-        b, n, c = x.shape
-        k = n // 21
-        parts = []
-        for t, (hh, ww) in zip(x.split([16 * k, 4 * k, k], dim=1), [(2 * h, 2 * w), (h, w), (h // 2, w // 2)]):
-            t = t.transpose(1, 2).reshape(b, c, hh, ww)  # (B, n_l, C) -> (B, C, h_l, w_l)
-            parts.append(self.dwconv(t).flatten(2).transpose(1, 2))
-        return torch.cat(parts, dim=1)
-
-
-class ConvFFN(nn.Module):
-    def __init__(self, dim, hidden):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.dwconv = DWConv(hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x, h, w):
-        return self.fc2(self.act(self.dwconv(self.fc1(x), h, w)))
-
-
-def _norm(dim):
-    return nn.LayerNorm(dim, eps=1e-6)
-
-
-class Injector(nn.Module):
-    """Stage tokens read the prompts: x <- x + gamma * MSDA(LN(x), 3 levels of LN(p)). gamma starts at
-    1e-6, so a new adapter leaves the source model's features (almost) unchanged."""
-
-    def __init__(self, dim, heads, n_points, ratio, init_values):
-        super().__init__()
-        self.query_norm, self.feat_norm = _norm(dim), _norm(dim)
-        self.attn = MSDeformAttn(dim, 3, heads, n_points, ratio)
-        self.gamma = nn.Parameter(torch.full((dim,), float(init_values)))
-
-    def forward(self, x, p, ref, shapes, starts):
-        return x + self.gamma * self.attn(self.query_norm(x), ref, self.feat_norm(p), shapes, starts)
-
-
-class Extractor(nn.Module):
-    """Prompts read the stage tokens: p <- p + MSDA(LN(p), LN(x)); p <- p + DropPath(ConvFFN(LN(p)))."""
-
-    def __init__(self, dim, heads, n_points, ratio, cffn_ratio, drop_path):
-        super().__init__()
-        self.query_norm, self.feat_norm = _norm(dim), _norm(dim)
-        self.attn = MSDeformAttn(dim, 1, heads, n_points, ratio)
-        self.ffn = ConvFFN(dim, int(dim * cffn_ratio))
-        self.ffn_norm = _norm(dim)
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-
-    def forward(self, p, x, ref, shapes, starts, h, w):
-        p = p + self.attn(self.query_norm(p), ref, self.feat_norm(x), shapes, starts)
-        return p + self.drop_path(self.ffn(self.ffn_norm(p), h, w))
 
 
 class PromptInteraction(nn.Module):
@@ -351,7 +274,7 @@ class PromptInteraction(nn.Module):
     def __init__(self, dim, next_dim, heads, n_points, ratio, init_values, drop_path, cffn_ratio=0.25):
         super().__init__()
         self.injector = Injector(dim, heads, n_points, ratio, init_values)
-        self.extractor = Extractor(dim, heads, n_points, ratio, cffn_ratio, drop_path)
+        self.extractor = Extractor(dim, heads, n_points, ratio, cffn_ratio, drop_path)  # with its ConvFFN
         self.next_dim = next_dim
         if next_dim:
             self.up_layer1, self.up_layer2, self.up_layer3 = (
@@ -367,28 +290,10 @@ class PromptInteraction(nn.Module):
         if not self.next_dim:
             return x, None
         nxt = []
-        for up, t, (gh, gw) in zip((self.up_layer1, self.up_layer2, self.up_layer3), prompts,
-                                   [(2 * h, 2 * w), (h, w), (h // 2, w // 2)]):
+        for up, t, (gh, gw) in zip((self.up_layer1, self.up_layer2, self.up_layer3), prompts, pyramid(h, w)):
             t = t.transpose(1, 2).reshape(t.shape[0], -1, gh, gw)   # (B, n, d) -> (B, d, gh, gw)
             nxt.append(up(t).flatten(2).transpose(1, 2))             # -> (B, n/4, d_next)
         return x, nxt
-
-
-def adapter_init(m):
-    """The official _init_weights on spm / interactions: Linear trunc_normal(.02) and zero bias, LN and BN
-    1 / 0, convs normal(0, sqrt(2 / fan_out)) with fan_out = k*k*out/groups and zero bias."""
-    if isinstance(m, nn.Linear):
-        nn.init.trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, (nn.LayerNorm, nn.BatchNorm2d)):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.Conv2d):
-        fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
-        nn.init.normal_(m.weight, 0, math.sqrt(2.0 / fan_out))
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
 
 
 ADAPTER_KEYS = ("spm.", "interactions.", "level_embed")

@@ -74,10 +74,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint as cp
-from torchvision.ops import StochasticDepth
 from tqdm import tqdm
 
 from common import dist as D
+from common.deform_adapter import Extractor, Injector, adapter_init, conv_bn_relu, reference_points
 from common.io import (ArgumentParser, UserError, check_flags, cli, load_checkpoint, load_state_dict_checked,
                        strip_prefix, unwrap_state_dict, work_dir_problem)
 from common.mask2former import Mask2FormerHead, Mask2FormerSegmentor
@@ -391,21 +391,17 @@ def validate(p, args):
 # ----------------------------------------------------------------------------------------------------
 # Model: spatial prior module, injector, extractor with ConvFFN, interactions (spec 1.1-1.7)
 
-def _conv_bn_relu(cin, cout, stride):
-    return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
-
-
 class SpatialPriorModule(nn.Module):
     """A ResNet-like stem and three stride-2 convs: c1 (stride 4, a map) and c2..c4 (strides 8/16/32, as
     token lists), each projected to the ViT width by a 1x1 conv with bias."""
 
     def __init__(self, inplanes=64, embed_dim=384):
         super().__init__()
-        self.stem = nn.Sequential(*_conv_bn_relu(3, inplanes, 2), *_conv_bn_relu(inplanes, inplanes, 1),
-                                  *_conv_bn_relu(inplanes, inplanes, 1), nn.MaxPool2d(3, 2, 1))
-        self.conv2 = nn.Sequential(*_conv_bn_relu(inplanes, 2 * inplanes, 2))
-        self.conv3 = nn.Sequential(*_conv_bn_relu(2 * inplanes, 4 * inplanes, 2))
-        self.conv4 = nn.Sequential(*_conv_bn_relu(4 * inplanes, 4 * inplanes, 2))
+        self.stem = nn.Sequential(*conv_bn_relu(3, inplanes, 2), *conv_bn_relu(inplanes, inplanes, 1),
+                                  *conv_bn_relu(inplanes, inplanes, 1), nn.MaxPool2d(3, 2, 1))
+        self.conv2 = nn.Sequential(*conv_bn_relu(inplanes, 2 * inplanes, 2))
+        self.conv3 = nn.Sequential(*conv_bn_relu(2 * inplanes, 4 * inplanes, 2))
+        self.conv4 = nn.Sequential(*conv_bn_relu(4 * inplanes, 4 * inplanes, 2))
         self.fc1 = nn.Conv2d(inplanes, embed_dim, 1)
         self.fc2 = nn.Conv2d(2 * inplanes, embed_dim, 1)
         self.fc3 = nn.Conv2d(4 * inplanes, embed_dim, 1)
@@ -421,58 +417,15 @@ class SpatialPriorModule(nn.Module):
                 self.fc4(c4).flatten(2).transpose(1, 2))
 
 
-def _reference_points(shapes, device):
-    """Centres ((x + 0.5) / W, (y + 0.5) / H) of every cell of every level, (1, sum HW, 1, 2), (x, y) last."""
-    refs = []
-    for h, w in shapes:
-        ys, xs = torch.meshgrid(torch.arange(h, device=device, dtype=torch.float32),
-                                torch.arange(w, device=device, dtype=torch.float32), indexing="ij")
-        refs.append(torch.stack([(xs.flatten() + 0.5) / w, (ys.flatten() + 0.5) / h], -1))
-    return torch.cat(refs)[None, :, None]
-
-
 def deform_inputs(h, w, device):
     """(reference points, spatial shapes, level starts) of the injector (queries: the 1/16 ViT grid, keys:
     SPM levels 1/8, 1/16, 1/32) and of the extractor (queries: all SPM tokens, keys: the 1/16 ViT grid)."""
     levels = [(h // 8, w // 8), (h // 16, w // 16), (h // 32, w // 32)]
     shapes = torch.as_tensor(levels, dtype=torch.long, device=device)
     starts = torch.cat([shapes.new_zeros(1), shapes.prod(1).cumsum(0)[:-1]])
-    inj = (_reference_points(levels[1:2], device), shapes, starts)
-    ext = (_reference_points(levels, device), shapes[1:2], shapes.new_zeros(1))
+    inj = (reference_points(levels[1:2], device), shapes, starts)
+    ext = (reference_points(levels, device), shapes[1:2], shapes.new_zeros(1))
     return inj, ext
-
-
-class DWConv(nn.Module):
-    """One depth-wise 3x3 conv shared by the three SPM levels, whose tokens are 16n / 4n / n of N = 21n."""
-
-    def __init__(self, dim):
-        super().__init__()
-        self.dwconv = nn.Conv2d(dim, dim, 3, 1, 1, groups=dim)
-
-    def forward(self, x, h, w):
-        b, n, c = x.shape
-        k = n // 21
-        parts = []
-        for t, (hh, ww) in zip(x.split([16 * k, 4 * k, k], dim=1), [(2 * h, 2 * w), (h, w), (h // 2, w // 2)]):
-            t = t.transpose(1, 2).reshape(b, c, hh, ww)  # (B, n_l, C) -> (B, C, h_l, w_l)
-            parts.append(self.dwconv(t).flatten(2).transpose(1, 2))
-        return torch.cat(parts, dim=1)
-
-
-class ConvFFN(nn.Module):
-    def __init__(self, dim, hidden):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.dwconv = DWConv(hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x, h, w):
-        return self.fc2(self.act(self.dwconv(self.fc1(x), h, w)))
-
-
-def _norm(dim):
-    return nn.LayerNorm(dim, eps=1e-6)
 
 
 def _maybe_cp(enabled, fn, *args):
@@ -480,39 +433,6 @@ def _maybe_cp(enabled, fn, *args):
     if enabled and torch.is_grad_enabled() and any(a.requires_grad for a in args if torch.is_tensor(a)):
         return cp.checkpoint(fn, *args, use_reentrant=False)
     return fn(*args)
-
-
-class Injector(nn.Module):
-    """ViT tokens query the spatial prior: x <- x + gamma * MSDA(LN(x), 3 levels of LN(c))."""
-
-    def __init__(self, dim, heads, n_points, ratio, init_values):
-        super().__init__()
-        self.query_norm, self.feat_norm = _norm(dim), _norm(dim)
-        self.attn = MSDeformAttn(dim, 3, heads, n_points, ratio)
-        self.gamma = nn.Parameter(torch.full((dim,), float(init_values)))
-
-    def forward(self, x, c, ref, shapes, starts):
-        return x + self.gamma * self.attn(self.query_norm(x), ref, self.feat_norm(c), shapes, starts)
-
-
-class Extractor(nn.Module):
-    """Spatial-prior tokens query the ViT: c <- c + MSDA(LN(c), LN(x)); c <- c + DropPath(ConvFFN(LN(c)))."""
-
-    def __init__(self, dim, heads, n_points, ratio, with_cffn, cffn_ratio, drop_path):
-        super().__init__()
-        self.query_norm, self.feat_norm = _norm(dim), _norm(dim)
-        self.attn = MSDeformAttn(dim, 1, heads, n_points, ratio)
-        self.with_cffn = with_cffn
-        if with_cffn:
-            self.ffn = ConvFFN(dim, int(dim * cffn_ratio))
-            self.ffn_norm = _norm(dim)
-            self.drop_path = StochasticDepth(drop_path, "row") if drop_path > 0 else nn.Identity()
-
-    def forward(self, c, x, ref, shapes, starts, h, w):
-        c = c + self.attn(self.query_norm(c), ref, self.feat_norm(x), shapes, starts)
-        if self.with_cffn:
-            c = c + self.drop_path(self.ffn(self.ffn_norm(c), h, w))
-        return c
 
 
 class InteractionBlock(nn.Module):
@@ -523,9 +443,9 @@ class InteractionBlock(nn.Module):
         super().__init__()
         self.with_cp = with_cp
         self.injector = Injector(dim, heads, n_points, ratio, init_values)
-        self.extractor = Extractor(dim, heads, n_points, ratio, with_cffn, cffn_ratio, drop_path)
+        self.extractor = Extractor(dim, heads, n_points, ratio, cffn_ratio, drop_path, with_cffn)
         self.extra_extractors = nn.ModuleList(
-            Extractor(dim, heads, n_points, ratio, with_cffn, cffn_ratio, drop_path) for _ in range(2)) \
+            Extractor(dim, heads, n_points, ratio, cffn_ratio, drop_path, with_cffn) for _ in range(2)) \
             if extra else None
 
     def forward(self, x, c, cls, blocks, inj, ext, h, w):
@@ -561,7 +481,7 @@ class AdapterMixin:
         self.up = nn.ConvTranspose2d(dim, dim, 2, 2)
         self.norm1, self.norm2, self.norm3, self.norm4 = (nn.BatchNorm2d(dim) for _ in range(4))
         for m in (self.up, self.spm, self.interactions):
-            m.apply(_adapter_init)
+            m.apply(adapter_init)
         for m in self.modules():
             if isinstance(m, MSDeformAttn):
                 m._reset_parameters()
@@ -604,23 +524,6 @@ class ViTAdapter(AdapterMixin, VisionTransformer):
 
 class BEiTAdapter(AdapterMixin, BEiT):
     """BEiT + adapter (upstream BEiTAdapter(BEiT)): cls token carried between interactions."""
-
-
-def _adapter_init(m):
-    """Upstream's _init_weights on spm / interactions / up: Linear trunc_normal(.02), LN and BN 1/0,
-    convs normal(0, sqrt(2 / fan_out)) with fan_out = k*k*out/groups."""
-    if isinstance(m, nn.Linear):
-        nn.init.trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, (nn.LayerNorm, nn.BatchNorm2d)):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
-    elif isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
-        fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
-        nn.init.normal_(m.weight, 0, math.sqrt(2.0 / fan_out))
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
 
 
 def build_backbone(args):

@@ -16,6 +16,7 @@ from PIL import Image
 
 import ops.msda
 import vit_adapter_seg as V
+from common.deform_adapter import DWConv
 from common.palettes import get_palette, overlay
 from common.segment import predict
 from common.vit import BEiT, VisionTransformer
@@ -446,7 +447,7 @@ def test_deform_inputs_by_hand():
 
 def test_dwconv_is_shared_over_the_three_levels():
     torch.manual_seed(0)
-    dw = V.DWConv(8)
+    dw = DWConv(8)
     h, w = 4, 6
     lv = [torch.randn(2, 8, 2 * h, 2 * w), torch.randn(2, 8, h, w), torch.randn(2, 8, h // 2, w // 2)]
     tokens = torch.cat([t.flatten(2).transpose(1, 2) for t in lv], dim=1)  # (2, 21 n, 8)
