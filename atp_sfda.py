@@ -74,6 +74,7 @@ from common.io import (ArgumentParser, UserError, check_flags, cli, load_checkpo
                        state_dict_of, work_dir_problem)
 from common.metrics import SYNTHIA13, SYNTHIA16, subset_miou
 from common.mit import MIT_SIZES, load_mit_pretrained, mit
+from common.swin import DropPath
 from common.palettes import class_names, get_palette
 from common.seg_data import MEAN, STD, SyntheticSeg, TestTransform, TrainTransform, build_dataset, check_files
 from common.segment import collate_single, evaluate, overlay_writer, resize
@@ -271,10 +272,8 @@ def make_teacher(student):
     uses batch statistics, as the release); it never gets gradients."""
     teacher = copy.deepcopy(student)
     for m in teacher.modules():
-        if isinstance(m, nn.modules.dropout._DropoutNd):
+        if isinstance(m, (nn.modules.dropout._DropoutNd, DropPath)):  # the head's dropout, MiT's DropPath
             m.p = 0.0
-        if hasattr(m, "drop_prob"):  # DropPath
-            m.drop_prob = 0.0
     for q in teacher.parameters():
         q.requires_grad_(False)
     return teacher

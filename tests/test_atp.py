@@ -239,8 +239,12 @@ def test_ema_update_and_teacher_mode():
     student = A.build_model(args, 6, with_proj=True)
     teacher = A.make_teacher(student)
     assert all(not p.requires_grad for p in teacher.parameters())
-    assert all(getattr(m, "drop_prob", 0.0) == 0.0 for m in teacher.modules())
     assert teacher.decode_head.dropout.p == 0.0 and student.decode_head.dropout.p == 0.1
+    # in train mode (batch statistics) the teacher is deterministic: no DropPath, no dropout; the student is not
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert teacher.training and torch.equal(teacher(x), teacher(x))
+        assert not torch.equal(student(x), student(x))
     t0 = [p.clone() for p in teacher.parameters()]
     with torch.no_grad():
         for p in student.parameters():
