@@ -78,7 +78,7 @@ from common.swin import DropPath
 from common.palettes import class_names, get_palette
 from common.seg_data import MEAN, STD, SyntheticSeg, TestTransform, TrainTransform, build_dataset, check_files
 from common.segment import collate_single, evaluate, overlay_writer, resize
-from common.train import (RunBook, count_params, freeze_all_but, init_lr, param_groups, set_lr, summary,
+from common.train import (RunBook, count_params, custom_key_groups, freeze_all_but, init_lr, set_lr, summary,
                           warmup_poly_mmcv)
 
 # ----------------------------------------------------------------------------------------------------
@@ -106,7 +106,8 @@ CITYSCAPES_FREQ = (0.36869696, 0.06084986, 0.22824049, 0.00655399, 0.00877272, 0
                    0.0055127, 0.15928651, 0.01157818, 0.04018982, 0.01218957, 0.00135122, 0.06994545,
                    0.00267456, 0.00235192, 0.00232904, 0.00098658, 0.00413907)
 SYN_SIZE = (96, 96)
-NO_DECAY = ("pos_block", "norm")  # mmcv custom_keys decay_mult=0 (all MiT LayerNorms)
+# DAFormer's mmcv custom_keys (common.train.custom_key_groups): heads lr x10, no decay on the MiT LayerNorms
+CUSTOM_KEYS = {"head": dict(lr_mult=10.0), "pos_block": dict(decay_mult=0.0), "norm": dict(decay_mult=0.0)}
 STAGES = ("source", "align", "teach", "rank", "propagate")
 
 
@@ -241,6 +242,24 @@ def build_model(args, num_classes, with_proj):
     head = DAFormerHead(dims, num_classes, embed_dim=args.head_channels, channels=args.head_channels)
     proj = ProjHead(dims, mid=args.head_channels, out=args.proj_channels) if with_proj else None
     return Segmentor(backbone, head, proj)
+
+
+def set_trainable(model, args):
+    """A: the backbone only (the locked classifier), unless --align-train-head; A and T: not the projection
+    head, which only step P uses; the source stage and P: everything."""
+    if args.stage == "align" and not args.align_train_head:
+        freeze_all_but(model, lambda n: not n.startswith("decode_head."))
+    if args.stage in ("align", "teach"):
+        for q in model.auxiliary_head.parameters():
+            q.requires_grad_(False)
+
+
+def build_optimizer(model, args):
+    """AdamW over the trainable parameters with DAFormer's custom_keys (a fresh one for every step)."""
+    opt = torch.optim.AdamW(custom_key_groups(model, args.weight_decay, CUSTOM_KEYS), lr=args.lr, betas=(0.9, 0.999),
+                            weight_decay=args.weight_decay)
+    init_lr(opt, args.lr)
+    return opt
 
 
 def summarize(model):
@@ -782,14 +801,8 @@ def run(args, info, num_classes):
     D.broadcast_params(model)  # one model on every process: the random inits differ (seeded per rank)
     if info.distributed and dev.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if args.stage == "align" and not args.align_train_head:
-        freeze_all_but(model, lambda n: not n.startswith("decode_head."))
-    if args.stage in ("align", "teach"):  # the projection head only matters in step P
-        for q in model.auxiliary_head.parameters():
-            q.requires_grad_(False)
-    groups = param_groups(model, args.weight_decay, NO_DECAY, lr_scale=lambda n: 10.0 if "head" in n else 1.0)
-    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
-    init_lr(opt, args.lr)
+    set_trainable(model, args)
+    opt = build_optimizer(model, args)
 
     teacher = make_teacher(model) if args.stage != "source" else None
     protos = ProtoEstimator(args.proj_channels, num_classes, dev) if args.stage == "propagate" else None

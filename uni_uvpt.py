@@ -74,8 +74,8 @@ from common.seg_data import (DATASETS, SyntheticSeg, TestTransform, TrainTransfo
                              build_dataset, read_label, resize_nearest)
 from common.segment import EncoderDecoder, collate_single, evaluate, overlay_writer, predict
 from common.swin import SWIN_SIZES, SwinTransformer, load_swin_pretrained
-from common.train import (RunBook, count_params, freeze_all_but, init_lr, set_lr, summary, warmup_cosine,
-                          warmup_poly_mmcv)
+from common.train import (RunBook, count_params, custom_key_groups, freeze_all_but, init_lr, set_lr, summary,
+                          warmup_cosine, warmup_poly_mmcv)
 from ops import MSDeformAttn
 
 IGNORE = 255
@@ -705,25 +705,15 @@ def load_segmentor(model, path, what, args):
             model.scale_logits.copy_(w)
 
 
-# mmcv custom_keys of the configs: name -> (lr_mult, decay_mult); the longest key contained in a parameter's
+# mmcv custom_keys of the configs (common.train.custom_key_groups): the longest key contained in a parameter's
 # name wins (ties by name), so adapter LayerNorms keep weight decay and head BNs too (spec 6)
-SOURCE_KEYS = {"head": (10.0, 1.0), "pos_block": (1.0, 0.0), "norm": (1.0, 0.0)}
-ADAPT_KEYS = {**SOURCE_KEYS, "level_embed": (5.0, 1.0), "spm": (5.0, 1.0), "interactions": (5.0, 1.0)}
+SOURCE_KEYS = {"head": dict(lr_mult=10.0), "pos_block": dict(decay_mult=0.0), "norm": dict(decay_mult=0.0)}
+ADAPT_KEYS = {**SOURCE_KEYS, "level_embed": dict(lr_mult=5.0), "spm": dict(lr_mult=5.0), "interactions": dict(lr_mult=5.0)}
 
 
 def build_optimizer(model, args, keys):
-    order = sorted(sorted(keys), key=len, reverse=True)
-    groups = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        key = next((k for k in order if k in name), None)
-        lr_mult, decay_mult = keys[key] if key else (1.0, 1.0)
-        g = groups.setdefault((lr_mult, decay_mult), {"params": [], "names": [], "lr_scale": lr_mult,
-                                                      "weight_decay": args.weight_decay * decay_mult})
-        g["params"].append(p)
-        g["names"].append(name)
-    opt = torch.optim.AdamW(list(groups.values()), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
+    opt = torch.optim.AdamW(custom_key_groups(model, args.weight_decay, keys), lr=args.lr, betas=(0.9, 0.999),
+                            weight_decay=args.weight_decay)
     init_lr(opt, args.lr)
     return opt
 

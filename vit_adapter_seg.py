@@ -86,7 +86,7 @@ from common.seg_data import (DATASETS, SyntheticSeg, TestTransform, TrainTransfo
                              imread, rescale_size)
 from common.segment import (EncoderDecoder, collate_single, evaluate, overlay_writer, pad_batch, predict,
                             resize)
-from common.train import RunBook, count_params, init_lr, set_lr, summary, warmup_poly_mmcv
+from common.train import RunBook, count_params, custom_key_groups, init_lr, set_lr, summary, warmup_poly_mmcv
 from common.upernet import FCNHead, UPerHead
 from common.vit import BEiT, SIZES, VisionTransformer
 from ops import MSDeformAttn
@@ -655,26 +655,9 @@ AUGREG_B_KEYS = {"level_embed": dict(decay_mult=0.0), "pos_embed": dict(decay_mu
                  "norm": dict(decay_mult=0.0), "bias": dict(decay_mult=0.0), "head": dict(lr_mult=10.0)}
 
 
-def custom_key_groups(model, weight_decay, keys=AUGREG_B_KEYS):
-    """mmcv DefaultOptimizerConstructor(custom_keys): the keys sorted by name then by length (longest
-    first); the first key contained in a parameter's name sets its lr_mult / decay_mult."""
-    order = sorted(sorted(keys), key=len, reverse=True)
-    groups = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        key = next((k for k in order if k in name), None)
-        lr_mult = keys[key].get("lr_mult", 1.0) if key else 1.0
-        wd = weight_decay * (keys[key].get("decay_mult", 1.0) if key else 1.0)
-        g = groups.setdefault((lr_mult, wd), {"params": [], "names": [], "weight_decay": wd, "lr_scale": lr_mult})
-        g["params"].append(p)
-        g["names"].append(name)
-    return list(groups.values())
-
-
 def build_optimizer(args, model):
     if args.custom_keys:
-        groups = custom_key_groups(model, args.weight_decay)
+        groups = custom_key_groups(model, args.weight_decay, AUGREG_B_KEYS)
     else:  # layer decay 0 (none): every scale is 1
         groups = layer_decay_groups(model, args.weight_decay, args.layer_decay or 1.0, args.depth)
     opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)

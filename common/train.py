@@ -78,6 +78,26 @@ def param_groups(model, weight_decay, no_decay_keys=(), lr_scale=None):
     return list(groups.values())
 
 
+def custom_key_groups(model, weight_decay, keys):
+    """mmcv DefaultOptimizerConstructor's paramwise_cfg.custom_keys: ``keys`` maps a substring to
+    dict(lr_mult=, decay_mult=) (each 1 when absent). The keys are sorted by name, then by length, longest
+    first; the first one contained in a parameter's name sets its multipliers (so 'interactions' beats
+    'norm', and of 'head' and 'norm' the name order picks 'head'). AdamW groups over the trainable
+    parameters, each with ``lr_scale`` for init_lr / set_lr."""
+    order = sorted(sorted(keys), key=len, reverse=True)
+    groups = OrderedDict()
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        key = next((k for k in order if k in name), None)
+        lr_mult = float(keys[key].get("lr_mult", 1.0)) if key else 1.0
+        wd = weight_decay * (float(keys[key].get("decay_mult", 1.0)) if key else 1.0)
+        g = groups.setdefault((lr_mult, wd), {"params": [], "names": [], "weight_decay": wd, "lr_scale": lr_mult})
+        g["params"].append(p)
+        g["names"].append(name)
+    return list(groups.values())
+
+
 def init_lr(optimizer, base_lr):
     for g in optimizer.param_groups:
         g["initial_lr"] = base_lr * g.get("lr_scale", 1.0)

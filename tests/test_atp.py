@@ -257,6 +257,30 @@ def test_ema_update_and_teacher_mode():
     assert not torch.equal(t0[0], next(teacher.parameters()))
 
 
+def test_what_each_step_trains_and_at_which_lr():
+    """DAFormer's custom_keys: heads lr x10, MiT LayerNorms without weight decay; A trains the backbone only,
+    A and T leave the projection head alone, P trains it (lr x10)."""
+    def where(stage, *extra):
+        args = A.get_args(["--stage", stage, *TINY, "--summary", *extra])  # --summary: no --init needed
+        model = A.build_model(args, 6, with_proj=stage != "source")
+        A.set_trainable(model, args)
+        opt = A.build_optimizer(model, args)
+        assert sum(len(g["params"]) for g in opt.param_groups) == sum(p.requires_grad for p in model.parameters())
+        return {n: (g["lr"] / args.lr, g["weight_decay"]) for g in opt.param_groups for n in g["names"]}
+    for stage in ("source", "align", "teach", "propagate"):
+        w = where(stage)
+        assert w["backbone.block1.0.norm1.weight"] == (1.0, 0.0) and w["backbone.norm4.bias"] == (1.0, 0.0)
+        assert w["backbone.block1.0.attn.norm.weight"] == (1.0, 0.0)
+        assert w["backbone.patch_embed1.proj.weight"] == pytest.approx((1.0, 0.01))
+        heads = {n.split(".")[0] for n in w if "head" in n}
+        assert heads == {"source": {"decode_head"}, "align": set(), "teach": {"decode_head"},
+                         "propagate": {"decode_head", "auxiliary_head"}}[stage], stage
+        for n, v in w.items():
+            if "head" in n:
+                assert v == pytest.approx((10.0, 0.01)), n
+    assert {n.split(".")[0] for n in where("align", "--align-train-head")} == {"backbone", "decode_head"}
+
+
 def test_class_prior_by_hand_and_on_cpu():
     freq = np.array(A.CITYSCAPES_FREQ)
     lw = np.log(freq)

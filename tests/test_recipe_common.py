@@ -17,7 +17,7 @@ from common import dist as D
 from common import seg_data as S
 from common.segment import EncoderDecoder, pad_batch, predict, seg_loss, slide_inference
 from common.swin import SwinBlock
-from common.train import init_lr, param_groups, set_lr, warmup_cosine
+from common.train import custom_key_groups, init_lr, param_groups, set_lr, warmup_cosine
 from common.upernet import ConvModule, FCNHead, UPerHead
 from common.video_swin import SwinBlock3D
 from common.vit import BEiTBlock, Block
@@ -346,6 +346,26 @@ def test_param_groups_decay_and_lr_scale():
     set_lr(opt, 0.5)
     lrs = {n: g["lr"] for g in opt.param_groups for n in g["names"]}
     assert lrs["conv.weight"] == pytest.approx(1e-3) and lrs["bn.weight"] == pytest.approx(5e-4)
+
+
+def test_custom_keys_longest_first_then_by_name():
+    """mmcv custom_keys: the longest key contained in the name wins; of two keys of one length, the first by
+    name; a key's missing multiplier is 1; frozen parameters are left out."""
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.decode_head = nn.ModuleDict({"norm": nn.LayerNorm(2), "conv": nn.Conv2d(2, 2, 1)})
+            self.interactions = nn.ModuleDict({"query_norm": nn.LayerNorm(2)})
+            self.norm1 = nn.LayerNorm(2)
+            self.fc = nn.Linear(2, 2)
+            self.frozen = nn.Linear(2, 2).requires_grad_(False)
+    keys = {"head": dict(lr_mult=10.0), "norm": dict(decay_mult=0.0), "interactions": dict(lr_mult=5.0)}
+    where = {n: (g["lr_scale"], g["weight_decay"]) for g in custom_key_groups(M(), 0.01, keys) for n in g["names"]}
+    assert not any(n.startswith("frozen") for n in where)
+    assert where["decode_head.norm.weight"] == (10.0, 0.01)       # 'head' and 'norm' tie: 'head' by name
+    assert where["decode_head.conv.weight"] == (10.0, 0.01)
+    assert where["interactions.query_norm.bias"] == (5.0, 0.01)   # 'interactions' is longer than 'norm'
+    assert where["norm1.weight"] == (1.0, 0.0) and where["fc.bias"] == (1.0, 0.01)
 
 
 def test_cosine_schedule_with_a_min_lr():

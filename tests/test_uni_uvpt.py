@@ -445,6 +445,30 @@ def toy_args(stage, backbone="swin_toy", *extra):
     return U.get_args(["--stage", stage, "--preset", "synthetic", "--backbone", backbone, "--summary", *extra])
 
 
+def test_what_each_stage_trains_and_at_which_lr():
+    """The configs' custom_keys: source: heads lr x10, backbone norms without decay; adapt (backbone frozen):
+    the adapter (spm, interactions, level_embed) lr x5 with its LayerNorms decayed ('interactions' beats
+    'norm'), the head x10, the three scale logits x1; no backbone parameter; --unfreeze-backbone adds them."""
+    def where(stage, backbone, *extra):
+        args = toy_args(stage, backbone, *extra)
+        model = U.build_model(args, 6)
+        opt = U.build_optimizer(model, args, U.SOURCE_KEYS if stage == "source" else U.ADAPT_KEYS)
+        assert sum(len(g["params"]) for g in opt.param_groups) == sum(p.requires_grad for p in model.parameters())
+        return {n: (g["lr_scale"], g["weight_decay"] / args.weight_decay) for g in opt.param_groups for n in g["names"]}
+    src = where("source", "mit_toy")
+    assert src["backbone.block1.0.norm1.weight"] == (1.0, 0.0) and src["backbone.block1.0.mlp.fc1.weight"] == (1.0, 1.0)
+    assert all(v == (10.0, 1.0) for n, v in src.items() if n.startswith("decode_head."))
+    for backbone in ("mit_toy", "swin_toy"):
+        ad = where("adapt", backbone)
+        assert not any(n.startswith("backbone.") and not n[len("backbone."):].startswith(U.ADAPTER_KEYS) for n in ad)
+        assert ad["scale_logits"] == (1.0, 1.0) and ad["backbone.level_embed"] == (5.0, 1.0)
+        assert ad["backbone.interactions.0.injector.query_norm.weight"] == (5.0, 1.0)
+        assert ad["backbone.spm.stem.1.weight"] == (5.0, 1.0)
+        assert all(v == (10.0, 1.0) for n, v in ad.items() if n.startswith("decode_head."))
+    free = where("adapt", "mit_toy", "--unfreeze-backbone")
+    assert free["backbone.block1.0.norm1.weight"] == (1.0, 0.0) and free["backbone.block1.0.attn.q.weight"] == (1.0, 1.0)
+
+
 def randomised(model, seed):
     torch.manual_seed(seed)
     with torch.no_grad():
