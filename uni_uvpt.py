@@ -886,17 +886,6 @@ def _gather(t, info):
     return torch.cat(out).cpu()
 
 
-def average_buffers(model, info):
-    """BatchNorm running statistics averaged over processes before an evaluation or a save: gradients are
-    averaged by hand here (the three-scale objective is not DDP's one forward / one backward), so nothing
-    else keeps the buffers of the processes equal."""
-    if info.distributed:
-        for b in model.buffers():
-            if b.is_floating_point():
-                dist.all_reduce(b)
-                b /= info.world_size
-
-
 def run(args, info, num_classes):
     dev, pr, source = info.device, PRESETS[args.preset], args.stage == "source"
     D.seed_everything(args.seed + info.rank)
@@ -1003,6 +992,7 @@ def run(args, info, num_classes):
         loss.backward()
         D.average_gradients(model)
         opt.step()
+        D.broadcast_params(model, buffers_only=True)  # rank 0's BatchNorm statistics, as DDP's broadcast_buffers
         if corr is not None:
             preds, confs = _gather(pred.to(torch.uint8), info), _gather(conf.float(), info)
             for (i, y1, y2, x1, x2, flip, _, _), p, c in zip(rows.tolist(), preds, confs):
@@ -1019,8 +1009,6 @@ def run(args, info, num_classes):
             bar.set_postfix(loss=f"{rec['loss']:.4f}")
         due = done % args.eval_interval == 0 or done == args.iters
         save = done % args.ckpt_interval == 0 or done == stop
-        if due or save:
-            average_buffers(model, info)
         book.step_end(done, model, opt, save=save,
                       evaluate=(lambda: run_eval(f"iter_{done}")) if due else None,
                       extra=lambda: {"correction": corr.state_dict()} if corr is not None else {})
