@@ -33,7 +33,8 @@ The steps (all of them: AdamW 6e-5, head lr x10, no decay on norms, 1500-iterati
 - rank: the entropy of every target training image under the model gives an easy (first 30 %) and a
   hard (the rest) list.
 - propagate (P): easy images supervised by the teacher's labels, ClassMix of easy into hard images (the
-  hard pixels weighted by the teacher's confident fraction, top 15 / bottom 120 rows zero), and, from
+  hard pixels weighted by the teacher's confident fraction, top 15 / bottom 120 rows zero: the ego car at
+  640 crops; --ignore-top / --ignore-bottom, 0 in the synthetic preset, whose crops are 64), and, from
   iteration 1500, a prototype contrastive loss on the hard images through the projection head.
 
 Choices where the release is broken or silent (audit A.2 / A.4), each followed here:
@@ -96,11 +97,13 @@ PRESETS = {
     "synthetic": dict(source="synthetic", target="synthetic", source_scale=(96, 96), target_scale=(96, 96),
                       test_scale=(96, 96), source_crop=64, crop=64, iters=200, batch_size=8,
                       warmup=20, start_contrast=50, eval_interval=100, source_lr=6e-4, lr=6e-5,
+                      ignore_top=0, ignore_bottom=0,
                       arch=dict(embed_dims=(16, 32, 64, 128), depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8),
                                 sr_ratios=(4, 2, 1, 1)), head_dim=32, proj_dim=32),
 }
 RECIPE = dict(iters=40_000, warmup=1500, lr=6e-5, weight_decay=0.01, batch_size=2, crop=640, source_crop=512,
-              eval_interval=1000, start_contrast=1500, arch=None, head_dim=256, proj_dim=512)
+              eval_interval=1000, start_contrast=1500, arch=None, head_dim=256, proj_dim=512,
+              ignore_top=15, ignore_bottom=120)
 # Cityscapes class frequencies of the ACDC test-time prior (DANNet, released evaluator)
 CITYSCAPES_FREQ = (0.36869696, 0.06084986, 0.22824049, 0.00655399, 0.00877272, 0.01227341, 0.00207795,
                    0.0055127, 0.15928651, 0.01157818, 0.04018982, 0.01218957, 0.00135122, 0.06994545,
@@ -143,6 +146,10 @@ def get_args(argv=None):
     a("--crop", type=int, default=None, help="adaptation crop (640)")
     a("--source-crop", type=int, default=None, help="source training crop (512)")
     a("--start-contrast", type=int, default=None, help="step P: iteration the contrastive loss starts (1500)")
+    a("--ignore-top", type=int, default=None,
+      help="step P: top rows of the hard images' pseudo-label weight set to 0 (15; synthetic 0)")
+    a("--ignore-bottom", type=int, default=None,
+      help="step P: bottom rows set to 0 (120: Cityscapes' ego car at 640 crops; synthetic 0)")
     a("--easy-ratio", type=float, default=0.3, help="rank: fraction of the target images called easy (0.3)")
     a("--align-train-head", action="store_true", help="step A: train the decode head too (the release)")
     a("--no-class-prior", action="store_true", help="ACDC: evaluate without the test-time class prior")
@@ -165,7 +172,7 @@ def get_args(argv=None):
     if args.stage == "source" and "source_lr" in preset and args.lr is None:
         args.lr = preset["source_lr"]  # the synthetic source model learns from scratch
     for k in ("iters", "batch_size", "lr", "weight_decay", "warmup", "crop", "source_crop", "start_contrast",
-              "eval_interval"):
+              "eval_interval", "ignore_top", "ignore_bottom"):
         if getattr(args, k) is None:
             setattr(args, k, preset[k])
     args.class_prior = preset.get("class_prior", False) and not args.no_class_prior
@@ -181,7 +188,8 @@ def get_args(argv=None):
                                    "ckpt_interval", "log_interval", "easy_ratio", "embed_dims", "depths",
                                    "num_heads", "sr_ratios", "head_channels", "proj_channels", "source_scale",
                                    "target_scale", "test_scale", "num_samples"),
-                non_negative=("warmup", "weight_decay", "workers", "start_contrast", "drop_path", "vis"),
+                non_negative=("warmup", "weight_decay", "workers", "start_contrast", "drop_path", "vis", "ignore_top",
+                              "ignore_bottom"),
                 below_one=("easy_ratio", "drop_path"))
     if args.summary:
         return args
@@ -636,8 +644,8 @@ def step_teach(model, batch, dev, teacher, crop, **_):
     return {"loss": l_ppl + l_npl, "loss_ce": l_ppl, "loss_neg": l_npl}
 
 
-def step_propagate(model, batch, dev, teacher, crop, protos, it, start_contrast, num_classes,
-                   threshold=0.968, ignore_top=15, ignore_bottom=120, **_):
+def step_propagate(model, batch, dev, teacher, crop, protos, it, start_contrast, num_classes, ignore_top, ignore_bottom,
+                   threshold=0.968, **_):
     easy, hard = batch
     x_e = _weak_crops(teacher, easy["img"].to(dev), crop)
     x_h = _weak_crops(teacher, hard["img"].to(dev), crop)
@@ -850,7 +858,8 @@ def run(args, info, num_classes):
         batch = next(batches)
         opt.zero_grad(set_to_none=True)
         parts = step_fn(model, batch, dev, teacher=teacher, protos=protos, it=it, num_classes=num_classes,
-                        crop=(args.crop, args.crop), start_contrast=args.start_contrast)
+                        crop=(args.crop, args.crop), start_contrast=args.start_contrast,
+                        ignore_top=args.ignore_top, ignore_bottom=args.ignore_bottom)
         if not torch.isfinite(parts["loss"]):
             raise RuntimeError(f"loss is {parts['loss'].item()} at iteration {it}; stopping without saving")
         D.average_gradients(model)

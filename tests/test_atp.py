@@ -61,6 +61,34 @@ def hand_curriculum(z, w=None):
     return cur - 1e-4 * div, w
 
 
+@pytest.mark.parametrize("preset", ["gta2cs", "syn2cs", "cs2acdc_fog", "cs2acdc_night", "cs2acdc_rain", "cs2acdc_snow"])
+def test_presets_follow_the_spec(preset):
+    """Spec 2 / 6 / 7 / 9 and the audit: every step AdamW 6e-5 (weight decay 0.01), warmup 1500, 40k
+    iterations, batch 2, 640 crops, MiT-B5 with drop path 0.1, the contrastive loss from 1500, the easy
+    ratio 0.3, the confident-pixel weight without the top 15 / bottom 120 rows, seed 76; the source
+    stage's 512 crops; the per-benchmark scales; the ACDC class prior."""
+    for stage in ("source", "align", "teach", "propagate"):
+        a = A.get_args(["--stage", stage, "--preset", preset, "--summary"])
+        assert (a.iters, a.batch_size, a.lr, a.weight_decay, a.warmup) == (40_000, 2, 6e-5, 0.01, 1500), stage
+        assert (a.crop, a.source_crop, a.start_contrast, a.easy_ratio, a.seed) == (640, 512, 1500, 0.3, 76)
+        assert (a.ignore_top, a.ignore_bottom, a.drop_path, a.backbone) == (15, 120, 0.1, "mit_b5")
+        assert (a.arch["embed_dims"], a.arch["depths"]) == ((64, 128, 320, 512), (3, 6, 40, 3))
+        assert (a.head_channels, a.proj_channels, a.eval_interval) == (256, 512, 1000)
+    source, scale = {"gta2cs": ("gta5", (1280, 720)), "syn2cs": ("synthia", (1280, 760))}.get(
+        preset, ("cityscapes", (1024, 512)))
+    acdc = preset.startswith("cs2acdc")
+    assert A.PRESETS[preset]["source"] == source and a.source_scale == scale
+    assert a.target_scale == a.test_scale == ((1280, 720) if acdc else (1280, 640))
+    assert a.class_prior == acdc and A.PRESETS[preset].get("subsets", False) == (preset == "syn2cs")
+    assert A.PRESETS[preset]["target"] == ("acdc_" + preset.split("_")[1] if acdc else "cityscapes")
+
+
+def test_synthetic_preset_has_no_ego_car_rows():
+    a = A.get_args(["--stage", "propagate", "--preset", "synthetic", "--summary"])
+    assert (a.ignore_top, a.ignore_bottom, a.crop) == (0, 0, 64)
+    assert A.get_args(["--stage", "propagate", "--summary", "--ignore-bottom", "7"]).ignore_bottom == 7
+
+
 def test_curriculum_entropy_loss_value_and_gradient():
     g = torch.Generator().manual_seed(0)
     z = torch.randn(2, 4, 2, 3, generator=g, dtype=torch.float64) * 2
@@ -137,6 +165,77 @@ def test_proto_contrastive_and_estimator_by_hand():
     torch.testing.assert_close(est.mean[0], f[0] / 3 + 2 / 3 * f2.mean(0))
     torch.testing.assert_close(est.mean[1], f[1])
     assert est.count.tolist() == [3.0, 1.0]
+
+
+class _Fixed(torch.nn.Module):
+    """A stand-in segmentor: logits = a fixed function of the input (conv 1x1 of fixed weights), and a
+    projection of the same kind; records what it was called with."""
+
+    def __init__(self, seed, k=3):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.w = torch.nn.Parameter(torch.randn(k, 3, 1, 1, generator=g) * 4)
+        self.pw = torch.nn.Parameter(torch.randn(4, 3, 1, 1, generator=g))
+        self.calls = []
+
+    def forward(self, x):
+        self.calls.append(("seg", x.detach().clone()))
+        return F.conv2d(x, self.w)
+
+    def project(self, x):
+        self.calls.append(("proj", x.detach().clone()))
+        return F.normalize(F.conv2d(x, self.pw), dim=1)
+
+
+@pytest.mark.parametrize("it", [0, 5])
+def test_propagate_step_by_hand(it, monkeypatch):
+    """Step P on stand-ins, augmentation and ClassMix pinned: CE + negative term on the easy images with the
+    teacher's labels; the mixed image m x_e + (1 - m) x_h with labels where(m, y_e, y_h) weighted m on the
+    easy pixels and, on the hard ones, the fraction q of hard pixels the teacher is >= 0.968 sure of (rows
+    --ignore-top / --ignore-bottom zero); from --start-contrast on, the prototype loss on the hard images'
+    projections with the zero-weight pixels ignored; prototypes from the teacher's easy projections."""
+    torch.manual_seed(0)
+    monkeypatch.setattr(A, "StrongAug", lambda dev: (lambda x: x))
+    mask = torch.zeros(2, 1, 8, 8)
+    mask[:, :, :, :3] = 1
+    monkeypatch.setattr(A, "class_mix_masks", lambda y: mask)
+    seen = {}
+
+    def contrast(feat, label, protos, num_classes):
+        seen.update(feat=feat, label=label)
+        return feat.sum() * 0 + 0.5
+    monkeypatch.setattr(A, "proto_contrastive_loss", contrast)
+    x_e, x_h = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
+    student, teacher = _Fixed(1), _Fixed(2)
+    protos = A.ProtoEstimator(4, 3, "cpu")
+    out = A.step_propagate(student, ({"img": x_e}, {"img": x_h}), "cpu", teacher, (8, 8), protos, it,
+                           start_contrast=5, num_classes=3, ignore_top=2, ignore_bottom=1)
+    with torch.no_grad():
+        y_e = teacher(x_e).argmax(1)
+        p_h, y_h = teacher(x_h).softmax(1).max(1)
+        q = (p_h >= 0.968).float().mean()
+        w_h = torch.full_like(p_h, q.item())
+        w_h[:, :2] = 0
+        w_h[:, -1:] = 0
+        m = mask[:, 0]
+        x_m = mask * x_e + (1 - mask) * x_h
+        l_e = A.ce_loss(student(x_e), y_e) + A.negative_loss(student(x_e))
+        l_m = A.ce_loss(student(x_m), torch.where(m > 0, y_e, y_h), m + (1 - m) * w_h) + A.negative_loss(student(x_m))
+    assert 0 < q < 1
+    assert out["loss_easy"].item() == pytest.approx(l_e.item(), rel=1e-6)
+    assert out["loss_mix"].item() == pytest.approx(l_m.item(), rel=1e-6)
+    expected = l_e + l_m + (0.5 if it >= 5 else 0.0)
+    assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
+    assert ("loss_contrast" in out) == (it >= 5)
+    if it >= 5:
+        y_c = y_h.clone()
+        y_c[w_h == 0] = 255
+        assert torch.equal(seen["label"], y_c) and (seen["label"][:, :2] == 255).all()
+        torch.testing.assert_close(seen["feat"], F.normalize(F.conv2d(x_h, student.pw), dim=1))
+    # the prototypes: the teacher's projections of the easy images, per class of its labels
+    f = F.normalize(F.conv2d(x_e, teacher.pw), dim=1).permute(0, 2, 3, 1).reshape(-1, 4)
+    for c in y_e.unique().tolist():
+        torch.testing.assert_close(protos.mean[c], f[y_e.flatten() == c].mean(0))
 
 
 # ----------------------------------------------------------------------------------------------------
