@@ -16,6 +16,8 @@ from torchvision.ops import StochasticDepth
 
 from ops import MSDeformAttn
 
+from .mit import Mlp
+
 
 def conv_bn_relu(cin, cout, stride):
     """3x3 conv (no bias), BN, ReLU: the spatial prior modules' unit, as a list to splice into Sequential."""
@@ -59,18 +61,13 @@ class DWConv(nn.Module):
         return torch.cat(parts, dim=1)
 
 
-class ConvFFN(nn.Module):
-    """fc1 -> DWConv -> GELU -> fc2."""
+class ConvFFN(Mlp):
+    """SegFormer's Mix-FFN (fc1 -> depth-wise 3x3 conv -> GELU -> fc2) with the conv run on each grid of the
+    pyramid."""
 
     def __init__(self, dim, hidden):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
+        super().__init__(dim, hidden)
         self.dwconv = DWConv(hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x, h, w):
-        return self.fc2(self.act(self.dwconv(self.fc1(x), h, w)))
 
 
 class Injector(nn.Module):
