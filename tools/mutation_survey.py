@@ -14,7 +14,8 @@ the mutation's test files with -x, and the file is restored. ``--suite existing`
 the test files that exercise it (EXISTING below) without their end-to-end runs (END_TO_END: training,
 torchrun; minutes per mutation); ``--e2e`` adds those for the mutations the unit tests miss.
 ``--suite recipe`` runs the recipe tests (RECIPE / ALL_RECIPE). Ids 1-18 are the changes listed in
-issue 12, S1-S55 our own survey, B1-B8 a blind round written after the recipe tests.
+issue 12, S1-S55 our own survey, B1-B8 a blind round written after the recipe tests, A1-A10 / U1-U2 the
+source-free scripts'.
 """
 import argparse
 import json
@@ -43,9 +44,9 @@ M = Mutation
 MUTATIONS = [
     # ---- issue 12's eighteen
     M("1", "common/swin.py", "return x * mask / keep", "return x * mask", "DropPath survivors not rescaled by 1/keep"),
-    M("2", "common/seg_data.py", "MEAN = (123.675, 116.28, 103.53)  # RGB, 0..255\nSTD = (58.395, 57.12, 57.375)",
+    M("2", "common/seg_transforms.py", "MEAN = (123.675, 116.28, 103.53)  # RGB, 0..255\nSTD = (58.395, 57.12, 57.375)",
       "MEAN = (103.53, 116.28, 123.675)  # RGB, 0..255\nSTD = (57.375, 57.12, 58.395)", "mean / std in BGR order"),
-    M("3", "common/seg_data.py", "ratio_range=(0.5, 2.0), cat_max_ratio=0.75,",
+    M("3", "common/seg_transforms.py", "ratio_range=(0.5, 2.0), cat_max_ratio=0.75,",
       "ratio_range=(0.5, 1.5), cat_max_ratio=0.75,", "random-resize ratio range 0.5-1.5"),
     M("4", "propetl.py", "return self.final_proj_cls(self.final_proj(tokens.mean(dim=1)))",
       "return self.final_proj_cls(self.final_proj(self.backbone.norm3(tokens).mean(dim=1)))",
@@ -53,8 +54,10 @@ MUTATIONS = [
     M("5", "propetl.py", "a = self.adaptmlp(x)\n        x = x + self.drop_path(self.mlp(self.norm2(x)))\n        return x + a",
       "a = self.drop_path(self.adaptmlp(x))\n        x = x + self.drop_path(self.mlp(self.norm2(x)))\n        return x + a",
       "MidBlock: the adapter's output through DropPath"),
-    M("6", "propetl.py", '.replace("stages.", "layers.", 1)', "", "--mid-checkpoint: no stages. -> layers. mapping"),
-    M("7", "vit_adapter_seg.py", "self.gamma = nn.Parameter(torch.full((dim,), float(init_values)))",
+    M("6", "propetl.py", 'swin = convert_swin_state_dict({k: v for k, v in bb.items() if not k.startswith("final_proj")})',
+      'swin = {k: v for k, v in bb.items() if not k.startswith("final_proj")}',
+      "--mid-checkpoint: the official mmseg Swin names (stages.) not converted"),
+    M("7", "common/deform_adapter.py", "self.gamma = nn.Parameter(torch.full((dim,), float(init_values)))",
       "self.gamma = nn.Parameter(torch.ones(dim))", "injector gamma created as ones"),
     M("8", "vit_adapter_seg.py", "c4 = c4 + F.interpolate(x4, scale_factor=0.5",
       "c4 = c4 + F.interpolate(x3, scale_factor=0.5", "stride-32 output adds the third interaction's features"),
@@ -94,19 +97,19 @@ MUTATIONS = [
       "        if layer_scale:", 'self.drop_path = StochasticDepth(drop_path, "batch") if drop_path > 0 else '
       "nn.Identity()\n        if layer_scale:", "ViT DropPath drops the whole batch"),
     # data
-    M("S9", "common/seg_data.py", "ratio_range=(0.5, 2.0), cat_max_ratio=0.75,", "ratio_range=(0.5, 2.0), cat_max_ratio=1.0,",
+    M("S9", "common/seg_transforms.py", "ratio_range=(0.5, 2.0), cat_max_ratio=0.75,", "ratio_range=(0.5, 2.0), cat_max_ratio=1.0,",
       "crop category check off by default"),
-    M("S10", "common/seg_data.py", "counts.max() / counts.sum() < self.cat_max_ratio",
+    M("S10", "common/seg_transforms.py", "counts.max() / counts.sum() < self.cat_max_ratio",
       "counts.max() / counts.sum() <= self.cat_max_ratio", "crop check accepts a share of exactly 0.75"),
-    M("S11", "common/seg_data.py", "saturation_range=(0.5, 1.5), hue_delta=18)", "saturation_range=(0.5, 1.5), hue_delta=36)",
+    M("S11", "common/seg_transforms.py", "saturation_range=(0.5, 1.5), hue_delta=18)", "saturation_range=(0.5, 1.5), hue_delta=36)",
       "hue delta in degrees instead of OpenCV units"),
     M("S12", "common/seg_data.py", "24: 11, 25: 12, 26: 13, 27: 14, 28: 15", "24: 11, 25: 12, 26: 14, 27: 13, 28: 15",
       "Cityscapes car / truck train ids swapped"),
-    M("S13", "common/seg_data.py", "return int(h * f + 0.5), int(w * f + 0.5)", "return int(h * f), int(w * f)",
+    M("S13", "common/seg_transforms.py", "return int(h * f + 0.5), int(w * f + 0.5)", "return int(h * f), int(w * f)",
       "rescale sizes truncated instead of rounded"),
-    M("S14", "common/seg_data.py", "out_label = torch.full((ch, cw), IGNORE, dtype=torch.long)",
+    M("S14", "common/seg_transforms.py", "out_label = torch.full((ch, cw), IGNORE, dtype=torch.long)",
       "out_label = torch.zeros((ch, cw), dtype=torch.long)", "train transform pads labels with class 0"),
-    M("S15", "common/seg_data.py", "img = resize_bilinear(img, tuple(math.ceil(s / d) * d for s in img.shape[:2]))",
+    M("S15", "common/seg_transforms.py", "img = resize_bilinear(img, tuple(math.ceil(s / d) * d for s in img.shape[:2]))",
       "img = resize_bilinear(img, tuple(round(s / d) * d for s in img.shape[:2]))", "ResizeToMultiple rounds to nearest"),
     # heads, losses, inference
     M("S16", "common/segment.py", 'return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)',
@@ -151,8 +154,8 @@ MUTATIONS = [
     M("S34", "propetl.py", "return counts / flat.shape[1]", "return counts / valid.sum(1, keepdim=True).clamp(min=1)",
       "histogram target renormalised over labelled pixels"),
     # vit_adapter_seg.py
-    M("S35", "vit_adapter_seg.py", '"ade20k_deit_small": Preset("vit", "small", **_ADE, lr=6e-5,',
-      '"ade20k_deit_small": Preset("vit", "small", **_ADE, lr=1.2e-4,', "DeiT-S lr"),
+    M("S35", "vit_adapter_seg.py", '"ade20k_deit_small": Preset(size="small", **_DEIT, lr=6e-5,',
+      '"ade20k_deit_small": Preset(size="small", **_DEIT, lr=1.2e-4,', "DeiT-S lr"),
     M("S36", "vit_adapter_seg.py", "layer_decay=0.90, drop_path=0.3,", "layer_decay=0.95, drop_path=0.3,",
       "BEiT-L layer decay 0.95"),
     M("S37", "vit_adapter_seg.py", '"small": dict(deform_heads=6, deform_ratio=1.0, drop_path=0.2,',
@@ -166,7 +169,7 @@ MUTATIONS = [
       "single-scale test without ResizeToMultiple(32)"),
     M("S42", "vit_adapter_seg.py", "train_tf = TrainTransform(scale=args.scale, crop=(args.crop, args.crop), mean=mean, std=std)",
       "train_tf = TrainTransform(scale=args.scale, crop=(args.crop, args.crop))", "AugReg 127.5 normalisation lost in training"),
-    M("S43", "vit_adapter_seg.py", "ref, self.feat_norm(x), shapes, starts)", "ref, x, shapes, starts)",
+    M("S43", "common/deform_adapter.py", "ref, self.feat_norm(x), shapes, starts)", "ref, x, shapes, starts)",
       "extractor without its feature LayerNorm"),
     M("S44", "vit_adapter_seg.py", "c = torch.cat([c2 + self.level_embed[0], c3 + self.level_embed[1], c4 + self.level_embed[2]], dim=1)",
       "c = torch.cat([c2, c3, c4], dim=1)", "level embeddings not added"),
@@ -205,19 +208,45 @@ MUTATIONS = [
       "opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.99),", "ProPETL AdamW beta2 0.99"),
     M("B5", "vit_adapter_seg.py", "opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999),",
       "opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.99),", "ViT-Adapter AdamW beta2 0.99"),
-    M("B6", "vit_adapter_seg.py", "ref, self.feat_norm(c), shapes, starts)", "ref, self.query_norm(c), shapes, starts)",
+    M("B6", "common/deform_adapter.py", "ref, self.feat_norm(c), shapes, starts)", "ref, self.query_norm(c), shapes, starts)",
       "injector normalises the prior with the query's norm"),
     M("B7", "vpetl_video.py", "set_lr(optimizer, warmup_cosine(epoch + it / iters,", "set_lr(optimizer, warmup_cosine(epoch,",
       "V-PETL schedule stepped per epoch"),
     M("B8", "vpetl_video.py", "return super().forward(h) + self.adaptmlp(h)", "return super().forward(h) + 0.1 * self.adaptmlp(h)",
       "adapter scaled twice"),
+    # ---- A1-A10, U1-U2: the source-free scripts (written with their recipe tests, this session)
+    M("A1", "atp_sfda.py", "def ema_update(teacher, student, it, alpha=0.999):",
+      "def ema_update(teacher, student, it, alpha=0.99):", "EMA teacher alpha 0.99"),
+    M("A2", "atp_sfda.py", "if isinstance(m, (nn.modules.dropout._DropoutNd, DropPath)):",
+      "if isinstance(m, nn.modules.dropout._DropoutNd):", "the teacher's DropPath left on"),
+    M("A3", "atp_sfda.py", "def negative_loss(logits, tau=0.04):", "def negative_loss(logits, tau=0.05):",
+      "negative-learning threshold 0.05"),
+    M("A4", "atp_sfda.py", 'CUSTOM_KEYS = {"head": dict(lr_mult=10.0),', 'CUSTOM_KEYS = {"head": dict(lr_mult=1.0),',
+      "heads without lr x10"),
+    M("A5", "atp_sfda.py", "threshold=0.968, **_):", "threshold=0.9, **_):", "step P's confidence threshold 0.9"),
+    M("A6", "atp_sfda.py", 'default=0.3, help="rank: fraction', 'default=0.67, help="rank: fraction',
+      "IntraDA's easy ratio 0.67"),
+    M("A7", "atp_sfda.py", "    if it >= start_contrast:", "    if it > start_contrast:",
+      "the contrastive loss one iteration late"),
+    M("A8", "atp_sfda.py", "key=lambda t: (t[1], t[0]))", "key=lambda t: (-t[1], t[0]))",
+      "ranking: hardest first"),
+    M("A9", "atp_sfda.py", "y_m = torch.where(m[:, 0] > 0, y_e, y_h)", "y_m = torch.where(m[:, 0] > 0, y_h, y_e)",
+      "ClassMix labels swapped"),
+    M("A10", "atp_sfda.py", "        w_h[:, :ignore_top] = 0", "        w_h[:ignore_top] = 0",
+      "step P's top rows zeroed over the batch axis"),
+    M("U1", "uni_uvpt.py", '"interactions": dict(lr_mult=5.0)}', '"interactions": dict(lr_mult=1.0)}',
+      "prompt interactors without lr x5"),
+    M("U2", "uni_uvpt.py", "init_values=1e-6, conv_inplane=64):", "init_values=1.0, conv_inplane=64):",
+      "injector gamma starts at 1"),
 ]
 
 # per mutated file, the existing test files that exercise it, fast files first
 EXISTING = {
     "common/swin.py": ["test_swin.py", "test_propetl.py"],
     "common/seg_data.py": ["test_seg_data.py", "test_vit_adapter.py", "test_propetl.py"],
+    "common/seg_transforms.py": ["test_seg_data.py", "test_vit_adapter.py", "test_propetl.py"],
     "common/vit.py": ["test_vit.py", "test_vit_adapter.py"],
+    "common/deform_adapter.py": ["test_vit_adapter.py", "test_uni_uvpt.py"],
     "common/segment.py": ["test_metrics.py", "test_vit_adapter.py", "test_propetl.py"],
     "common/upernet.py": ["test_vit_adapter.py", "test_propetl.py"],
     "common/train.py": ["test_foundation.py", "test_vpetl.py", "test_vit_adapter.py", "test_propetl.py"],
@@ -225,16 +254,21 @@ EXISTING = {
     "propetl.py": ["test_propetl.py"],
     "vit_adapter_seg.py": ["test_vit_adapter.py"],
     "vpetl_video.py": ["test_vpetl.py"],
+    "atp_sfda.py": ["test_atp.py"],
+    "uni_uvpt.py": ["test_uni_uvpt.py"],
 }
 # the end-to-end runs (training, torchrun): phase 2 of --suite existing
 END_TO_END = ["test_a_short_run_learns", "test_quick_start_under_torchrun", "test_user_errors_are_one_clear_line",
               "test_bad_dataset_files_are_named", "test_failed_runs_never_clobber", "test_both_stages_train_only",
               "test_resume_is_exact", "test_short_run_loss_falls", "test_torchrun_two_processes", "test_image_demo",
               "test_pretrained_vit_into_the_adapter", "test_learns_motion_under_torchrun",
-              "test_csv_pipeline_bad_videos", "test_two_processes_give_exactly", "test_synthetic_is_learnable"]
+              "test_csv_pipeline_bad_videos", "test_two_processes_give_exactly", "test_synthetic_is_learnable",
+              "test_steps_under_torchrun_match_one_process", "test_adapted_model_beats_the_source_model_on_the_target",
+              "test_two_processes_write_the_pseudo_labels_of_one"]
 RECIPE = {
     "propetl.py": ["test_recipe_propetl.py"],
     "vit_adapter_seg.py": ["test_recipe_vit_adapter.py"],
+    "common/deform_adapter.py": ["test_recipe_vit_adapter.py"],
     "vpetl_video.py": ["test_recipe_vpetl.py"],
 }
 ALL_RECIPE = ["test_recipe_common.py", "test_recipe_propetl.py", "test_recipe_vit_adapter.py", "test_recipe_vpetl.py"]
