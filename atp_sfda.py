@@ -75,10 +75,10 @@ from common.io import (ArgumentParser, UserError, check_flags, cli, load_checkpo
                        state_dict_of, work_dir_problem)
 from common.metrics import SYNTHIA13, SYNTHIA16, subset_miou
 from common.mit import MIT_SIZES, load_mit_pretrained, mit
-from common.swin import DropPath
 from common.palettes import class_names, get_palette
 from common.seg_data import MEAN, STD, SyntheticSeg, TestTransform, TrainTransform, build_dataset, check_files
 from common.segment import collate_single, evaluate, overlay_writer, resize
+from common.swin import DropPath
 from common.train import (RunBook, count_params, custom_key_groups, freeze_all_but, init_lr, set_lr, summary,
                           warmup_poly_mmcv)
 

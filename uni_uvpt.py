@@ -185,7 +185,8 @@ def get_args(argv=None):
                 iters=pr[f"{stage}_iters"], batch_size=pr[f"{stage}_batch"],
                 lr=_for_backbone(pr[f"{stage}_lr"], args.backbone), warmup=pr["warmup"], crop=pr["crop"],
                 scale=pr["source_scale" if source else "target_scale"], test_scale=pr["test_scale"],
-                eval_interval=_per_stage(pr["eval_interval"], stage), curve_interval=pr["curve_interval"], queue=pr["queue"])
+                eval_interval=_per_stage(pr["eval_interval"], stage), curve_interval=pr["curve_interval"],
+                queue=pr["queue"])
     for k, v in fill.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -708,7 +709,8 @@ def load_segmentor(model, path, what, args):
 # mmcv custom_keys of the configs (common.train.custom_key_groups): the longest key contained in a parameter's
 # name wins (ties by name), so adapter LayerNorms keep weight decay and head BNs too (spec 6)
 SOURCE_KEYS = {"head": dict(lr_mult=10.0), "pos_block": dict(decay_mult=0.0), "norm": dict(decay_mult=0.0)}
-ADAPT_KEYS = {**SOURCE_KEYS, "level_embed": dict(lr_mult=5.0), "spm": dict(lr_mult=5.0), "interactions": dict(lr_mult=5.0)}
+ADAPT_KEYS = {**SOURCE_KEYS, "level_embed": dict(lr_mult=5.0), "spm": dict(lr_mult=5.0),
+              "interactions": dict(lr_mult=5.0)}
 
 
 def build_optimizer(model, args, keys):
