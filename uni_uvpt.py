@@ -47,6 +47,9 @@ Choices where the release is broken, silent or odd (spec section 9, audit B.2 / 
 - checkpoints are selected on the target val split every 2000 iterations (save_best, as the release);
 - Source-GtA training (six heads, seven augmentations with external assets) is not implemented: its
   published models load, their decode_head_aug0..5 dropped.
+Multi-process runs (the official ones used one GPU): the processes start from rank 0's weights, average
+their gradients by hand (the three-scale objective is not DDP's one forward / one backward) and take
+rank 0's BatchNorm statistics after every step, as DDP's broadcast_buffers.
 """
 import argparse
 import json
