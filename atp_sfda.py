@@ -118,7 +118,8 @@ def get_args(argv=None):
     p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     a = p.add_argument
     a("--stage", required=True, choices=STAGES, help="source training, the steps A / T / P, or the entropy ranking")
-    a("--preset", default="synthetic", choices=sorted(PRESETS), help="benchmark: source -> target")
+    a("--preset", default="gta2cs", choices=sorted(PRESETS),
+      help="benchmark: source -> target (synthetic: the quick start, no files)")
     a("--source-root", default=None, help="--stage source: the source dataset in its official layout")
     a("--target-root", default=None, help="the target dataset (train images unlabelled; val for evaluation)")
     a("--work-dir", default="work_dirs/atp", help="holds last.pt, best.pt, log.jsonl, vis/ (rank: ranking.json)")
