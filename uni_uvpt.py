@@ -69,7 +69,8 @@ from tqdm import tqdm
 from common import dist as D
 from common.daformer import DAFormerHead
 from common.deform_adapter import Extractor, Injector, adapter_init, conv_bn_relu, pyramid, reference_points
-from common.io import UserError, cli, load_checkpoint, load_state_dict_checked, unwrap_state_dict
+from common.io import (ArgumentParser, UserError, check_flags, cli, load_checkpoint, load_state_dict_checked,
+                       unwrap_state_dict)
 from common.metrics import SYNTHIA13, SYNTHIA16, SegMetric, subset_miou
 from common.mit import MIT_SIZES, MixVisionTransformer, load_mit_pretrained
 from common.palettes import get_palette
@@ -117,7 +118,7 @@ STAGES = ("source", "pseudo", "adapt")
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     a = p.add_argument
     a("--stage", required=True, choices=STAGES, help="source: train on the source; pseudo: offline pseudo labels of "
       "the target train split; adapt: prompt tuning on the target (source-free)")
@@ -194,15 +195,13 @@ def get_args(argv=None):
         if getattr(args, k) is None:
             setattr(args, k, v)
     args.scale, args.test_scale = tuple(args.scale), tuple(args.test_scale)
-    for flag in ("iters", "batch_size", "crop", "eval_interval", "ckpt_interval", "log_interval", "curve_interval",
-                 "queue", "deform_heads", "conv_inplane", "head_channels"):
-        if getattr(args, flag) <= 0:
-            p.error(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    check_flags(p, args, positive=("iters", "batch_size", "crop", "eval_interval", "ckpt_interval", "log_interval",
+                                   "curve_interval", "queue", "deform_heads", "conv_inplane", "head_channels", "lr"))
     if args.crop % 128 and args.stage == "adapt":
         p.error(f"--crop {args.crop}: the adapter needs sides that are multiples of 64 at every scale, and the "
                 "target objective also runs the crop at half size: use a multiple of 128 (the paper: 512)")
-    if not 0 < args.quantile < 1 or args.lr <= 0:
-        p.error("--quantile must be in (0, 1) and --lr positive")
+    if not 0 < args.quantile < 1:
+        p.error(f"--quantile {args.quantile}: expected a value in (0, 1)")
     if args.summary:
         return args
     synthetic = args.preset == "synthetic"

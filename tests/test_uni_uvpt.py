@@ -660,6 +660,19 @@ def test_bad_inputs_fail_with_one_clear_error(layouts, tmp_path):
     assert not (tmp_path / "a" / "last.pt").exists() and not (tmp_path / "a" / "best.pt").exists()
 
 
+@pytest.mark.parametrize("flag,value,expected", [
+    ("--iters", "0", "--iters 0: expected a positive number"),
+    ("--lr", "0", "--lr 0.0: expected a positive number"),
+    ("--queue", "-1", "--queue -1: expected a positive number"),
+    ("--deform-heads", "0", "--deform-heads 0: expected a positive number"),
+    ("--quantile", "0", "--quantile 0.0: expected a value in (0, 1)"),
+    ("--quantile", "1", "--quantile 1.0: expected a value in (0, 1)")])
+def test_flag_errors_are_one_line(flag, value, expected, capsys):
+    with pytest.raises(SystemExit):
+        U.get_args(["--stage", "adapt", "--preset", "synthetic", "--summary", flag, value])
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: {expected}"
+
+
 # ----------------------------------------------------------------------------------------------------
 # the synthetic domain pair: two processes, exact resume
 
