@@ -68,7 +68,7 @@ from tqdm import tqdm
 
 from common import dist as D
 from common.daformer import DAFormerHead
-from common.deform_adapter import Extractor, Injector, adapter_init, conv_bn_relu, pyramid, reference_points
+from common.deform_adapter import Extractor, Injector, SpatialPrior, adapter_init, pyramid, reference_points
 from common.io import (ArgumentParser, UserError, check_flags, cli, load_checkpoint, load_state_dict_checked,
                        unwrap_state_dict)
 from common.metrics import SYNTHIA13, SYNTHIA16, SegMetric, subset_miou
@@ -232,27 +232,16 @@ def _for_backbone(value, backbone):
 # Model: the prompt adapter (spec 2.3). SPM = "prompt generator", interactions = "prompt interactors".
 # Injector, Extractor and ConvFFN are ViT-Adapter's modules unchanged (same names, same keys).
 
-class SpatialPriorModule(nn.Module):
+class SpatialPriorModule(SpatialPrior):
     """ViT-Adapter's stem with a stride-1 max-pool: prompts at strides 2 / 4 / 8 of the image (c1..c3),
     each projected to the stage-0 width by a 1x1 conv with bias. conv4 (stride 16) is computed and its
     output discarded, as in the official code (0.59M parameters that never get a gradient)."""
 
     def __init__(self, inplanes=64, embed_dim=128):
-        super().__init__()
-        self.stem = nn.Sequential(*conv_bn_relu(3, inplanes, 2), *conv_bn_relu(inplanes, inplanes, 1),
-                                  *conv_bn_relu(inplanes, inplanes, 1), nn.MaxPool2d(3, 1, 1))
-        self.conv2 = nn.Sequential(*conv_bn_relu(inplanes, 2 * inplanes, 2))
-        self.conv3 = nn.Sequential(*conv_bn_relu(2 * inplanes, 4 * inplanes, 2))
-        self.conv4 = nn.Sequential(*conv_bn_relu(4 * inplanes, 4 * inplanes, 2))
-        self.fc1 = nn.Conv2d(inplanes, embed_dim, 1)
-        self.fc2 = nn.Conv2d(2 * inplanes, embed_dim, 1)
-        self.fc3 = nn.Conv2d(4 * inplanes, embed_dim, 1)
+        super().__init__(inplanes, embed_dim, pool_stride=1, levels=3)
 
     def forward(self, img):
-        c1 = self.stem(img)                       # (B, 64, H/2, W/2)
-        c2 = self.conv2(c1)                       # (B, 128, H/4, W/4)
-        c3 = self.conv3(c2)                       # (B, 256, H/8, W/8)
-        self.conv4(c3)                            # official quirk: computed (BN statistics move), unused
+        c1, c2, c3, _ = self.maps(img)  # strides 2, 4, 8; conv4 runs (BN statistics move), official quirk
         # (B, D, h, w) -> (B, h*w, D)
         return [fc(c).flatten(2).transpose(1, 2) for fc, c in ((self.fc1, c1), (self.fc2, c2), (self.fc3, c3))]
 

@@ -77,7 +77,7 @@ import torch.utils.checkpoint as cp
 from tqdm import tqdm
 
 from common import dist as D
-from common.deform_adapter import Extractor, Injector, adapter_init, conv_bn_relu, reference_points
+from common.deform_adapter import Extractor, Injector, SpatialPrior, adapter_init, reference_points
 from common.io import (ArgumentParser, UserError, check_flags, cli, load_checkpoint, load_state_dict_checked,
                        strip_prefix, unwrap_state_dict, work_dir_problem)
 from common.mask2former import Mask2FormerHead, Mask2FormerSegmentor
@@ -391,27 +391,15 @@ def validate(p, args):
 # ----------------------------------------------------------------------------------------------------
 # Model: spatial prior module, injector, extractor with ConvFFN, interactions (spec 1.1-1.7)
 
-class SpatialPriorModule(nn.Module):
+class SpatialPriorModule(SpatialPrior):
     """A ResNet-like stem and three stride-2 convs: c1 (stride 4, a map) and c2..c4 (strides 8/16/32, as
     token lists), each projected to the ViT width by a 1x1 conv with bias."""
 
     def __init__(self, inplanes=64, embed_dim=384):
-        super().__init__()
-        self.stem = nn.Sequential(*conv_bn_relu(3, inplanes, 2), *conv_bn_relu(inplanes, inplanes, 1),
-                                  *conv_bn_relu(inplanes, inplanes, 1), nn.MaxPool2d(3, 2, 1))
-        self.conv2 = nn.Sequential(*conv_bn_relu(inplanes, 2 * inplanes, 2))
-        self.conv3 = nn.Sequential(*conv_bn_relu(2 * inplanes, 4 * inplanes, 2))
-        self.conv4 = nn.Sequential(*conv_bn_relu(4 * inplanes, 4 * inplanes, 2))
-        self.fc1 = nn.Conv2d(inplanes, embed_dim, 1)
-        self.fc2 = nn.Conv2d(2 * inplanes, embed_dim, 1)
-        self.fc3 = nn.Conv2d(4 * inplanes, embed_dim, 1)
-        self.fc4 = nn.Conv2d(4 * inplanes, embed_dim, 1)
+        super().__init__(inplanes, embed_dim, pool_stride=2, levels=4)
 
     def forward(self, img):
-        c1 = self.stem(img)
-        c2 = self.conv2(c1)
-        c3 = self.conv3(c2)
-        c4 = self.conv4(c3)
+        c1, c2, c3, c4 = self.maps(img)
         # (B, D, h, w) -> (B, h*w, D) for the strides 8, 16, 32 (row-major tokens)
         return (self.fc1(c1), self.fc2(c2).flatten(2).transpose(1, 2), self.fc3(c3).flatten(2).transpose(1, 2),
                 self.fc4(c4).flatten(2).transpose(1, 2))

@@ -24,6 +24,29 @@ def conv_bn_relu(cin, cout, stride):
     return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
 
+class SpatialPrior(nn.Module):
+    """ViT-Adapter's spatial prior module, its layers: a ResNet-like stem (three 3x3 conv-BN-ReLU, the first of
+    stride 2, then a 3x3 max-pool of stride ``pool_stride``), three stride-2 conv-BN-ReLU (conv2..conv4) and
+    1x1 projections with bias to ``embed_dim`` of the first ``levels`` maps (fc1..). ``maps(img)`` gives the
+    four conv maps; each paper's forward says which it projects."""
+
+    def __init__(self, inplanes, embed_dim, pool_stride, levels):
+        super().__init__()
+        self.stem = nn.Sequential(*conv_bn_relu(3, inplanes, 2), *conv_bn_relu(inplanes, inplanes, 1),
+                                  *conv_bn_relu(inplanes, inplanes, 1), nn.MaxPool2d(3, pool_stride, 1))
+        self.conv2 = nn.Sequential(*conv_bn_relu(inplanes, 2 * inplanes, 2))
+        self.conv3 = nn.Sequential(*conv_bn_relu(2 * inplanes, 4 * inplanes, 2))
+        self.conv4 = nn.Sequential(*conv_bn_relu(4 * inplanes, 4 * inplanes, 2))
+        for i, width in enumerate((inplanes, 2 * inplanes, 4 * inplanes, 4 * inplanes)[:levels]):
+            setattr(self, f"fc{i + 1}", nn.Conv2d(width, embed_dim, 1))
+
+    def maps(self, img):
+        c1 = self.stem(img)
+        c2 = self.conv2(c1)
+        c3 = self.conv3(c2)
+        return c1, c2, c3, self.conv4(c3)
+
+
 def pyramid(h, w):
     """The three adapter grids around an (h, w) token grid."""
     return [(2 * h, 2 * w), (h, w), (h // 2, w // 2)]
