@@ -704,11 +704,7 @@ def rank(args, info, model, target, num_classes):
     for i in tqdm(idx, desc="rank", disable=not info.is_main):
         p = model(target[i]["img"][None].to(info.device)).softmax(dim=1)
         scores.append((i, (-p * torch.log2(p + 1e-30) / math.log2(num_classes)).mean().item()))
-    gathered = [scores]
-    if info.distributed:
-        gathered = [None] * info.world_size
-        torch.distributed.all_gather_object(gathered, scores)
-    order = sorted((s for part in gathered for s in part), key=lambda t: (t[1], t[0]))
+    order = sorted((s for part in D.gather_objects(scores) for s in part), key=lambda t: (t[1], t[0]))
     n_easy = int(len(order) * args.easy_ratio)
     names = sample_names(target)
     out = {"preset": args.preset, "num_images": len(order), "easy_ratio": args.easy_ratio,

@@ -60,7 +60,6 @@ import time
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
@@ -869,16 +868,6 @@ def main(argv=None):
     return result
 
 
-def _gather(t, info):
-    """Concatenates a tensor over processes in rank order (itself in one process), on the CPU."""
-    if not info.distributed:
-        return t
-    t = t.to(info.device)
-    out = [torch.empty_like(t) for _ in range(info.world_size)]
-    dist.all_gather(out, t)
-    return torch.cat(out).cpu()
-
-
 def run(args, info, num_classes):
     dev, pr, source = info.device, PRESETS[args.preset], args.stage == "source"
     D.seed_everything(args.seed + info.rank)
@@ -972,7 +961,8 @@ def run(args, info, num_classes):
             if corr is not None:
                 # every process applies the corrections of the whole global batch, in rank order
                 meta = batch["meta"]
-                rows = _gather(torch.stack([batch["index"], *meta["box"], meta["flip"].long(), *meta["size"]], 1), info)
+                rows = torch.stack([batch["index"], *meta["box"], meta["flip"].long(), *meta["size"]], 1)
+                rows = D.gather_tensors(rows, dev)
                 for r, (i, y1, y2, x1, x2, flip, h, w) in enumerate(rows.tolist()):
                     crop = corr.label(epoch, i, (y1, y2, x1, x2), bool(flip), lambda: train_set.full_label(i, (h, w)))
                     if crop is not None and r // per_rank == info.rank:
@@ -987,7 +977,7 @@ def run(args, info, num_classes):
         opt.step()
         D.broadcast_params(model, buffers_only=True)  # rank 0's BatchNorm statistics, as DDP's broadcast_buffers
         if corr is not None:
-            preds, confs = _gather(pred.to(torch.uint8), info), _gather(conf.float(), info)
+            preds, confs = D.gather_tensors(pred.to(torch.uint8), dev), D.gather_tensors(conf.float(), dev)
             for (i, y1, y2, x1, x2, flip, _, _), p, c in zip(rows.tolist(), preds, confs):
                 corr.record(i, (y1, y2, x1, x2), bool(flip), p[:y2 - y1, :x2 - x1], c[:y2 - y1, :x2 - x1])
             corr.step(it, epoch)

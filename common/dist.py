@@ -99,6 +99,17 @@ def gather_objects(obj):
     return [obj]
 
 
+def gather_tensors(t, device):
+    """A tensor of the same shape on every process, concatenated along dim 0 in rank order, on the CPU
+    (the tensor itself in one process). The collective runs on ``device`` (nccl needs the process's GPU)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return t
+    t = t.to(device)
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, t)
+    return torch.cat(out).cpu()
+
+
 def check_in_parallel(items, check_one, info, threads=8):
     """Runs ``check_one(item) -> None or a reason`` over ``items`` before training: each process takes
     every world_size-th item, threads overlap the file reads. Returns [(item, reason)] of the failures,
