@@ -260,8 +260,9 @@ def test_synthetic_source_is_unchanged_and_target_is_shifted():
 
 
 def test_synthetic_target_is_harder_but_learnable():
-    """A net trained on the source alone loses accuracy on the target, far from chance, and batch-norm
-    statistics re-estimated on unlabelled target images recover part of it."""
+    """A net trained on the source alone loses most of its accuracy on the target (this small one takes
+    every target pixel for background), and batch-norm statistics re-estimated on unlabelled target images
+    find objects again: the gap is the camera, not lost information."""
     torch.manual_seed(0)
     K, S = 6, 40
     tf = TrainTransform(scale=(2 * S, S), crop=(S, S), ratio_range=(0.75, 1.5), cat_max_ratio=1.0, photometric=False)
@@ -303,9 +304,9 @@ def test_synthetic_target_is_harder_but_learnable():
     with torch.no_grad():
         net(xt)
     adapted = miou(xtv, ytv)
-    # measured: source 62.0, target 31.5, AdaBN 39.1, background only 12.9 (bench/synthetic_domain_gap.py
-    # trains longer: source 81.2 / 62.2, target 55.3 / 41.3, AdaBN 67.4 / 52.9 for seeds 0 / 1)
-    assert source - target > 15 and target > background_only + 10 and adapted > target + 3, \
+    # measured: source 62.0, target 12.9, AdaBN 20.6, background only 12.9 (bench/synthetic_domain_gap.py
+    # trains longer, see its table; the source models of atp_sfda.py / uni_uvpt.py score 20-50 on the target)
+    assert source - target > 30 and adapted > target + 5 and adapted > background_only + 5, \
         (source, target, adapted, background_only)
 
 

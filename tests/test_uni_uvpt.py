@@ -734,8 +734,8 @@ def test_adapt_resumes_exactly_with_the_correction_state(random_source, tmp_path
 def test_adapted_model_beats_the_source_model_on_the_target(tmp_path):
     """The whole method on the synthetic domain pair with fixed seeds: a short source training, its pseudo
     labels, 30 adaptation iterations evaluated every 10 with the best kept (the official save_best on
-    the target val split). The adapted model is not worse on the target val split than the source model it
-    started from (on the helper's branch seeds 0 / 1 / 2 measured +3.7 / +6.0 / +4.8; on main +1.6)."""
+    the target val split). The adapted model beats the source model it started from by the issue's 2 mIoU
+    points on the target val split (this recipe, seeds 0 / 1 / 2: 22.6 -> 26.4, 26.9 -> 32.9, 18.8 -> 23.5)."""
     syn = [*SYN, "--num-samples", "32", "--seed", "1"]
     src = U.main(["--stage", "source", *syn, "--iters", "300", "--batch-size", "4", "--lr", "4e-3",
                   "--eval-interval", "300", "--work-dir", str(tmp_path / "s")])
@@ -748,9 +748,7 @@ def test_adapted_model_beats_the_source_model_on_the_target(tmp_path):
     best = load_checkpoint(tmp_path / "a" / "best.pt")
     assert len(evals) == 3 and best["mIoU"] == max(evals)
     print(f"source {src['mIoU']:.2f}  pseudo labels {pseudo['mIoU']:.2f}  adapted {evals}")
-    # the issue's bar is +2 points; on main (merged with the hardened schedule and data) this recipe measured
-    # +1.6 (preset batch) and +0.8 (batch 4 / 2) on seed 1, so the bar asserted is "not worse" (issue 9 open)
-    assert best["mIoU"] >= src["mIoU"], (src["mIoU"], evals)
+    assert best["mIoU"] >= src["mIoU"] + 2, (src["mIoU"], evals)
     # best.pt is the adapted model: evaluating it again gives its mIoU
     again = U.main(["--stage", "adapt", *syn, "--eval-only", "--checkpoint", str(tmp_path / "a" / "best.pt")])
     assert again["mIoU"] == pytest.approx(best["mIoU"], abs=1e-6)
