@@ -504,19 +504,20 @@ class SyntheticSeg(torch.utils.data.Dataset):
     Class 0 is the background: a random colour per image (over the whole range the objects use) with a
     smooth wave pattern. Class k >= 1 is shape SHAPES[(k-1) % 8] with texture TEXTURES[(k-1) % 8] and a
     class colour that it shares with one other class; colours get per-object jitter and per-pixel noise.
-    1-4 objects per image at random places, sizes and angles (later ones occlude earlier ones); the first
+    1-4 objects per image (``objects=(lo, hi)``) at random places, sizes and angles (later ones occlude
+    earlier ones); the first
     object of sample i is class 1 + i % (K-1), so every class shows up in any K-1 consecutive samples.
     Samples go through ``transform`` like SegDataset's; ``key`` may be (index, sample_seed).
 
     ``domain="target"`` is a shifted domain for source-free adaptation: the same classes, shapes,
     textures and layout statistics (other draws: sample i is not the source's sample i), seen through
     another camera: colours rotated about the grey axis, lower contrast, a blur that softens the
-    textures, stronger noise (see ``TARGET_SHIFT``). A model trained on the source alone loses 30-50 mIoU
+    textures, stronger noise (see ``TARGET_SHIFT``). A model trained on the source alone loses 30-70 mIoU
     points on it, most of it objects taken for background, and batch-norm statistics of target batches
     win back a part (bench/synthetic_domain_gap.py). ``with_labels=False`` gives all-255 labels."""
 
     def __init__(self, num_samples=64, num_classes=6, size=(128, 128), split="train", transform=None, seed=0,
-                 domain="source", with_labels=True):
+                 domain="source", with_labels=True, objects=(1, 4)):
         if num_classes < 2:
             raise UserError(f"SyntheticSeg needs num_classes >= 2 (background + one shape), got {num_classes}")
         if split not in ("train", "val"):
@@ -525,7 +526,9 @@ class SyntheticSeg(torch.utils.data.Dataset):
             raise UserError(f"SyntheticSeg domain {domain!r}: expected 'source' or 'target'")
         self.num_samples, self.num_classes, self.size = num_samples, num_classes, _pair(size)
         self.split, self.transform, self.seed = split, transform, seed
-        self.domain, self.with_labels = domain, with_labels
+        if not 1 <= objects[0] <= objects[1]:
+            raise UserError(f"SyntheticSeg objects={objects}: expected (lo, hi) with 1 <= lo <= hi")
+        self.domain, self.with_labels, self.objects = domain, with_labels, tuple(objects)
         self.name, self.reduce_zero_label = "synthetic" if domain == "source" else "synthetic_target", False
         self.classes = ["background"] + [SHAPES[(k - 1) % len(SHAPES)] + (f" {(k - 1) // len(SHAPES) + 1}"
                                          if k > len(SHAPES) else "") for k in range(1, num_classes)]
@@ -545,7 +548,7 @@ class SyntheticSeg(torch.utils.data.Dataset):
                    rng.uniform([-2, -2, 0], [2, 2, 2 * math.pi], size=(2, 3)))
         img = base + 18.0 * wave[..., None] * rng.uniform(0.5, 1.0, size=3)
         label = np.zeros((H, W), dtype=np.uint8)
-        n_obj = int(rng.integers(1, 5))
+        n_obj = int(rng.integers(self.objects[0], self.objects[1] + 1))
         for j in range(n_obj):
             k = 1 + index % (self.num_classes - 1) if j == 0 else int(rng.integers(1, self.num_classes))
             r = rng.uniform(0.12, 0.28) * min(H, W)

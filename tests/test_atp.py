@@ -90,6 +90,18 @@ def test_synthetic_preset_has_no_ego_car_rows():
                       ).ignore_bottom == 7
 
 
+def test_synthetic_preset_draws_scene_like_images():
+    """The quick start's source, target and val images hold 3-5 objects each (see SYN_OBJECTS), from the
+    run's seed; the target train split comes without labels."""
+    for stage in ("source", "propagate"):
+        a = A.get_args(["--stage", stage, "--preset", "synthetic", "--seed", "3", "--num-samples", "12", "--summary"])
+        src, tgt, val = A.build_data(a, stage)
+        for ds in [d for d in (src, tgt, val) if d is not None]:
+            assert ds.objects == (3, 5) and ds.seed == 3 and ds.size == (96, 96), stage
+        assert (src is None) == (stage != "source") and tgt.domain == val.domain == "target"
+        assert not tgt.with_labels and val.with_labels and (len(tgt), len(val)) == (12, 8)
+
+
 def test_curriculum_entropy_loss_value_and_gradient():
     g = torch.Generator().manual_seed(0)
     z = torch.randn(2, 4, 2, 3, generator=g, dtype=torch.float64) * 2

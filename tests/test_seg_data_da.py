@@ -257,6 +257,14 @@ def test_synthetic_source_is_unchanged_and_target_is_shifted():
     assert (u[1]["label"] == 255).all() and u[1]["meta"]["box"] == (0, 128, 0, 128)
     with pytest.raises(UserError, match="domain"):
         SyntheticSeg(2, 6, domain="tgt")
+    # objects=(lo, hi): scene-like images (atp_sfda.py's preset draws 3-5); the default (1, 4) is the
+    # hashed generator above
+    bg = {o: np.mean([(SyntheticSeg(n, 6, size=size, objects=o).generate(i)[1] == 0).mean() for i in range(n)])
+          for o in ((1, 1), (1, 4), (3, 5))}
+    assert bg[(1, 1)] > bg[(1, 4)] + 0.05 > bg[(3, 5)] + 0.1, bg
+    for bad in ((0, 2), (4, 3)):
+        with pytest.raises(UserError, match="objects"):
+            SyntheticSeg(2, 6, objects=bad)
 
 
 def test_synthetic_target_is_harder_but_learnable():
