@@ -505,8 +505,8 @@ class SyntheticSeg(torch.utils.data.Dataset):
     smooth wave pattern. Class k >= 1 is shape SHAPES[(k-1) % 8] with texture TEXTURES[(k-1) % 8] and a
     class colour that it shares with one other class; colours get per-object jitter and per-pixel noise.
     1-4 objects per image (``objects=(lo, hi)``) at random places, sizes and angles (later ones occlude
-    earlier ones); the first
-    object of sample i is class 1 + i % (K-1), so every class shows up in any K-1 consecutive samples.
+    earlier ones); the first object of sample i is class 1 + i % (K-1), so every class shows up in any
+    K-1 consecutive samples.
     Samples go through ``transform`` like SegDataset's; ``key`` may be (index, sample_seed).
 
     ``domain="target"`` is a shifted domain for source-free adaptation: the same classes, shapes,

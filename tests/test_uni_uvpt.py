@@ -731,6 +731,28 @@ def test_adapt_resumes_exactly_with_the_correction_state(random_source, tmp_path
     assert torch.equal(ca["thresholds"], cb["thresholds"])
 
 
+def test_adapt_under_torchrun_gathers_the_correction_of_every_image(random_source, tmp_path):
+    """Two processes, one image each per step, the correction from iteration 2 on: rank 0's last.pt holds
+    the predictions of all 4 images (each process adapted its own half) and a full IoU history."""
+    pl = tmp_path / "pl"
+    U.main(["--stage", "pseudo", *SYN, "--num-samples", "4", "--source-checkpoint", random_source,
+            "--pseudo-dir", str(pl), "--work-dir", str(tmp_path / "p")])
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "uni_uvpt.py", "--stage", "adapt", *SYN, "--num-samples", "4", "--source-checkpoint",
+                        random_source, "--pseudo-dir", str(pl), "--iters", "6", "--batch-size", "2",
+                        "--curve-interval", "1", "--queue", "2", "--eval-interval", "6", "--lr", "1e-3",
+                        "--work-dir", str(tmp_path / "a")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    ck = load_checkpoint(tmp_path / "a" / "last.pt")
+    c = ck["correction"]
+    assert ck["iter"] == 6 and len(c["history"]) == 6 and c["thresholds"].abs().sum() > 0
+    for key in ("labels", "preds", "confs"):
+        assert sorted(c[key]) == [0, 1, 2, 3], key
+    assert all(c["preds"][i].dtype == torch.uint8 and c["confs"][i].dtype == torch.float16 for i in range(4))
+    assert load_checkpoint(tmp_path / "a" / "best.pt")["iter"] == 6
+
+
 def test_adapted_model_beats_the_source_model_on_the_target(tmp_path):
     """The whole method on the synthetic domain pair with fixed seeds: a short source training, its pseudo
     labels, 30 adaptation iterations evaluated every 10 with the best kept (the official save_best on

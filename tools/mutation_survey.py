@@ -14,7 +14,7 @@ the mutation's test files with -x, and the file is restored. ``--suite existing`
 the test files that exercise it (EXISTING below) without their end-to-end runs (END_TO_END: training,
 torchrun; minutes per mutation); ``--e2e`` adds those for the mutations the unit tests miss.
 ``--suite recipe`` runs the recipe tests (RECIPE / ALL_RECIPE). Ids 1-18 are the changes listed in
-issue 12, S1-S55 our own survey, B1-B8 a blind round written after the recipe tests, A1-A10 / U1-U2 the
+issue 12, S1-S55 our own survey, B1-B8 a blind round written after the recipe tests, A1-A10 / U1-U3 the
 source-free scripts'.
 """
 import argparse
@@ -214,7 +214,7 @@ MUTATIONS = [
       "V-PETL schedule stepped per epoch"),
     M("B8", "vpetl_video.py", "return super().forward(h) + self.adaptmlp(h)", "return super().forward(h) + 0.1 * self.adaptmlp(h)",
       "adapter scaled twice"),
-    # ---- A1-A10, U1-U2: the source-free scripts (written with their recipe tests, this session)
+    # ---- A1-A10, U1-U3: the source-free scripts (written with their recipe tests)
     M("A1", "atp_sfda.py", "def ema_update(teacher, student, it, alpha=0.999):",
       "def ema_update(teacher, student, it, alpha=0.99):", "EMA teacher alpha 0.99"),
     M("A2", "atp_sfda.py", "if isinstance(m, (nn.modules.dropout._DropoutNd, DropPath)):",
@@ -238,6 +238,8 @@ MUTATIONS = [
       "prompt interactors without lr x5"),
     M("U2", "uni_uvpt.py", "init_values=1e-6, conv_inplane=64):", "init_values=1.0, conv_inplane=64):",
       "injector gamma starts at 1"),
+    M("U3", "uni_uvpt.py", "                rows = D.gather_tensors(rows, dev)\n", "",
+      "the correction hook sees only its own process's images"),
 ]
 
 # per mutated file, the existing test files that exercise it, fast files first
