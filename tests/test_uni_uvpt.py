@@ -688,13 +688,27 @@ def random_source(tmp_path_factory):
     return str(path)
 
 
+@pytest.fixture(scope="module")
+def pseudo4(random_source, tmp_path_factory):
+    """The pseudo labels of 4 synthetic target images from random_source (the adapt stage only reads them)."""
+    root = tmp_path_factory.mktemp("pseudo4")
+    U.main(["--stage", "pseudo", *SYN, "--num-samples", "4", "--source-checkpoint", random_source,
+            "--pseudo-dir", str(root / "pl"), "--work-dir", str(root / "p")])
+    return str(root / "pl")
+
+
+def torchrun(*argv):
+    """uni_uvpt.py under torchrun, two processes; fails the test with the end of stderr if it does not exit 0."""
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "uni_uvpt.py", *argv], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
 def test_two_processes_write_the_pseudo_labels_of_one(random_source, tmp_path):
     common = ["--stage", "pseudo", *SYN, "--num-samples", "6", "--source-checkpoint", random_source]
     U.main([*common, "--pseudo-dir", str(tmp_path / "one"), "--work-dir", str(tmp_path / "w1")])
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        "uni_uvpt.py", *common, "--pseudo-dir", str(tmp_path / "two"), "--work-dir", str(tmp_path / "w2")],
-                       cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stderr[-3000:]
+    torchrun(*common, "--pseudo-dir", str(tmp_path / "two"), "--work-dir", str(tmp_path / "w2"))
     one = sorted(p.name for p in (tmp_path / "one").glob("*.png"))
     assert len(one) == 6 and one == sorted(p.name for p in (tmp_path / "two").glob("*.png"))
     for name in one:
@@ -703,13 +717,10 @@ def test_two_processes_write_the_pseudo_labels_of_one(random_source, tmp_path):
     assert json.load(open(tmp_path / "two" / "pseudo_labels.json"))["images"] == 6
 
 
-def test_adapt_resumes_exactly_with_the_correction_state(random_source, tmp_path):
+def test_adapt_resumes_exactly_with_the_correction_state(random_source, pseudo4, tmp_path):
     """4 images at batch 2: an epoch is 2 iterations, so the correction runs from iteration 2 on."""
-    pl = tmp_path / "pl"
-    U.main(["--stage", "pseudo", *SYN, "--num-samples", "4", "--source-checkpoint", random_source,
-            "--pseudo-dir", str(pl), "--work-dir", str(tmp_path / "p")])
     common = ["--stage", "adapt", *SYN, "--num-samples", "4", "--source-checkpoint", random_source,
-              "--pseudo-dir", str(pl), "--iters", "8", "--batch-size", "2", "--curve-interval", "1", "--queue", "2",
+              "--pseudo-dir", pseudo4, "--iters", "8", "--batch-size", "2", "--curve-interval", "1", "--queue", "2",
               "--eval-interval", "100", "--ckpt-interval", "100", "--lr", "1e-3"]
     U.main([*common, "--work-dir", str(tmp_path / "a")])
     U.main([*common, "--work-dir", str(tmp_path / "b"), "--stop-at", "4"])
@@ -731,19 +742,12 @@ def test_adapt_resumes_exactly_with_the_correction_state(random_source, tmp_path
     assert torch.equal(ca["thresholds"], cb["thresholds"])
 
 
-def test_adapt_under_torchrun_gathers_the_correction_of_every_image(random_source, tmp_path):
+def test_adapt_under_torchrun_gathers_the_correction_of_every_image(random_source, pseudo4, tmp_path):
     """Two processes, one image each per step, the correction from iteration 2 on: rank 0's last.pt holds
     the predictions of all 4 images (each process adapted its own half) and a full IoU history."""
-    pl = tmp_path / "pl"
-    U.main(["--stage", "pseudo", *SYN, "--num-samples", "4", "--source-checkpoint", random_source,
-            "--pseudo-dir", str(pl), "--work-dir", str(tmp_path / "p")])
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        "uni_uvpt.py", "--stage", "adapt", *SYN, "--num-samples", "4", "--source-checkpoint",
-                        random_source, "--pseudo-dir", str(pl), "--iters", "6", "--batch-size", "2",
-                        "--curve-interval", "1", "--queue", "2", "--eval-interval", "6", "--lr", "1e-3",
-                        "--work-dir", str(tmp_path / "a")],
-                       cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stderr[-3000:]
+    torchrun("--stage", "adapt", *SYN, "--num-samples", "4", "--source-checkpoint", random_source, "--pseudo-dir",
+             pseudo4, "--iters", "6", "--batch-size", "2", "--curve-interval", "1", "--queue", "2",
+             "--eval-interval", "6", "--lr", "1e-3", "--work-dir", str(tmp_path / "a"))
     ck = load_checkpoint(tmp_path / "a" / "last.pt")
     c = ck["correction"]
     assert ck["iter"] == 6 and len(c["history"]) == 6 and c["thresholds"].abs().sum() > 0
