@@ -404,9 +404,8 @@ def run(args, info, num_classes):
     opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
     init_lr(opt, args.lr)
 
-    val_loader = torch.utils.data.DataLoader(
-        val_set, batch_size=1, sampler=D.ShardSampler(len(val_set), info.rank, info.world_size),
-        num_workers=min(args.workers, 2), collate_fn=collate_single)
+    val_loader = D.data_loader(val_set, min(args.workers, 2), batch_size=1, collate_fn=collate_single,
+                               sampler=D.ShardSampler(len(val_set), info.rank, info.world_size))
     palette = get_palette(PALETTE_OF.get(args.dataset, "synthetic"), num_classes)
 
     names = class_names(PALETTE_OF.get(args.dataset, "synthetic"), num_classes)

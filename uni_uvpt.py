@@ -800,8 +800,7 @@ def write_pseudo_labels(args, info, model, num_classes):
     D.barrier()
     model.eval()
     shard = D.ShardSampler(len(target), info.rank, info.world_size)
-    loader = torch.utils.data.DataLoader(target, batch_size=1, sampler=shard, num_workers=min(args.workers, 2),
-                                         collate_fn=collate_single)
+    loader = D.data_loader(target, min(args.workers, 2), batch_size=1, sampler=shard, collate_fn=collate_single)
     for i, s in zip(shard, tqdm(loader, desc="pseudo labels", disable=not info.is_main)):
         probs = predict(model, s["img"].to(info.device), s["label"].shape[-2:], num_classes)  # (1, K, H0, W0)
         path = os.path.join(d, names[i])
@@ -877,8 +876,7 @@ def run(args, info, num_classes):
     if args.stage == "adapt":
         check_test_size(val, args.test_scale, "the target val")
     shard = D.ShardSampler(len(val), info.rank, info.world_size)
-    val_loader = torch.utils.data.DataLoader(val, batch_size=1, sampler=shard, num_workers=min(args.workers, 2),
-                                             collate_fn=collate_single)
+    val_loader = D.data_loader(val, min(args.workers, 2), batch_size=1, sampler=shard, collate_fn=collate_single)
 
     def run_eval(tag):
         vis = overlay_writer(os.path.join(args.work_dir, "vis", tag), val, palette, args.vis) \

@@ -805,9 +805,8 @@ def run(args, info, num_classes):
         if ck and "scaler" in ck:
             scaler.load_state_dict(ck["scaler"])
 
-    val_loader = torch.utils.data.DataLoader(
-        val_set, batch_size=1, sampler=D.ShardSampler(len(val_set), info.rank, info.world_size),
-        num_workers=min(args.workers, 2), collate_fn=collate_single)
+    val_loader = D.data_loader(val_set, min(args.workers, 2), batch_size=1, collate_fn=collate_single,
+                               sampler=D.ShardSampler(len(val_set), info.rank, info.world_size))
     palette = get_palette(DATASETS[args.dataset]["palette"], num_classes)
 
     names = class_names(DATASETS[args.dataset]["palette"], num_classes)

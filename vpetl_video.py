@@ -653,10 +653,8 @@ def loader_for(dataset, mode, args, info, batch_size):
         sampler = EpochSampler(len(dataset), info.rank, info.world_size, args.seed)
     else:
         sampler = D.ShardSampler(len(dataset), info.rank, info.world_size)
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate,
-                                       num_workers=args.num_workers, drop_last=mode == "train",
-                                       pin_memory=info.device.type == "cuda",
-                                       persistent_workers=False)
+    return D.data_loader(dataset, args.num_workers, batch_size=batch_size, sampler=sampler, collate_fn=collate,
+                         drop_last=mode == "train", pin_memory=info.device.type == "cuda")
 
 
 # ----------------------------------------------------------------------------------------------------

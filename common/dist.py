@@ -4,6 +4,7 @@ backend by device (nccl on GPU, gloo on CPU), only rank 0 logs and saves.
     torchrun --nproc_per_node=2 script.py ...   # 2 processes (GPUs if present, else CPU with gloo)
     python script.py ...                        # 1 process, no process group
 """
+import multiprocessing as mp
 import os
 import random
 from dataclasses import dataclass
@@ -172,12 +173,21 @@ class InfiniteSampler(torch.utils.data.Sampler):
             epoch += 1
 
 
+def data_loader(dataset, workers=0, **kw):
+    """torch's DataLoader whose worker processes come from a fork server. Forking the training process
+    itself while its other threads run (earlier loaders' queue feeders, tqdm's monitor) can leave the
+    child deadlocked in CPython before 3.12 (python/cpython#112275: an evaluation loader's worker hung
+    in PyOS_AfterFork_Child under torchrun), and evaluation loaders start workers in mid-training."""
+    ctx = "forkserver" if workers > 0 and "forkserver" in mp.get_all_start_methods() else None
+    return torch.utils.data.DataLoader(dataset, num_workers=workers, multiprocessing_context=ctx, **kw)
+
+
 def train_batches(dataset, batch_size, info, seed, start_iter=0, workers=0):
     """Endless iterator of training batches for iteration-based schedules: InfiniteSampler sharded over
     the processes, positioned where iteration ``start_iter`` begins (exact resume)."""
     sampler = InfiniteSampler(len(dataset), info.rank, info.world_size, seed, start=start_iter * batch_size)
-    return iter(torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                                            drop_last=True, persistent_workers=workers > 0))
+    return iter(data_loader(dataset, workers, batch_size=batch_size, sampler=sampler, drop_last=True,
+                            persistent_workers=workers > 0))
 
 
 def seed_step(seed, it, rank):

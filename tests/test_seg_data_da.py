@@ -265,6 +265,14 @@ def test_synthetic_source_is_unchanged_and_target_is_shifted():
     for bad in ((0, 2), (4, 3)):
         with pytest.raises(UserError, match="objects"):
             SyntheticSeg(2, 6, objects=bad)
+    # generate() keeps what it drew: a caller writing into the arrays it got does not change the sample
+    ds = SyntheticSeg(3, 6, size=size, domain="target")
+    img, label = ds.generate(1)
+    want = (img.copy(), label.copy())
+    img[:] = 0
+    label[:] = 0
+    again = ds.generate(1)
+    assert (again[0] == want[0]).all() and (again[1] == want[1]).all() and want[0].any()
 
 
 def test_synthetic_target_is_harder_but_learnable():
