@@ -9,15 +9,16 @@ shared/papers/audit_atp_uni_uvpt.md.
     # source model (DAFormer source-only recipe; MiT-B5 ImageNet weights from SegFormer's mit_b5.pth):
     python atp_sfda.py --stage source --preset gta2cs --source-root data/gta --target-root data/cityscapes \
         --pretrained pretrained/mit_b5.pth --work-dir work_dirs/gta_source
-    # the three steps and the ranking, each from the previous step's checkpoint, source data never read:
+    # the three steps and the ranking, each from the previous step's checkpoint, source data never read
+    # (best.pt: the run's best target-val evaluation, the release's save_best='mIoU'; or last.pt):
     python atp_sfda.py --stage align     --preset gta2cs --target-root data/cityscapes \
-        --init work_dirs/gta_source/last.pt --work-dir work_dirs/gta_align
+        --init work_dirs/gta_source/best.pt --work-dir work_dirs/gta_align
     python atp_sfda.py --stage teach     --preset gta2cs --target-root data/cityscapes \
-        --init work_dirs/gta_align/last.pt  --work-dir work_dirs/gta_teach
+        --init work_dirs/gta_align/best.pt  --work-dir work_dirs/gta_teach
     python atp_sfda.py --stage rank      --preset gta2cs --target-root data/cityscapes \
-        --init work_dirs/gta_teach/last.pt  --work-dir work_dirs/gta_rank        # writes ranking.json
+        --init work_dirs/gta_teach/best.pt  --work-dir work_dirs/gta_rank        # writes ranking.json
     python atp_sfda.py --stage propagate --preset gta2cs --target-root data/cityscapes \
-        --init work_dirs/gta_teach/last.pt  --ranking work_dirs/gta_rank/ranking.json --work-dir work_dirs/gta_prop
+        --init work_dirs/gta_teach/best.pt  --ranking work_dirs/gta_rank/ranking.json --work-dir work_dirs/gta_prop
     # evaluate ours or an official ATP checkpoint (model. / ema_model. prefixes; the student is used):
     python atp_sfda.py --stage propagate --preset gta2cs --target-root data/cityscapes --eval-only \
         --checkpoint gta2cityscapes_daformer_propagating.pth
@@ -96,7 +97,7 @@ PRESETS = {
     # the quick start: a tiny MiT on the synthetic domain pair (96x96 images, 6 classes, 3-5 objects each)
     "synthetic": dict(source="synthetic", target="synthetic", source_scale=(96, 96), target_scale=(96, 96),
                       test_scale=(96, 96), source_crop=64, crop=64, iters=200, batch_size=8,
-                      warmup=20, start_contrast=50, eval_interval=100, source_lr=6e-4, lr=6e-5,
+                      warmup=20, start_contrast=50, eval_interval=50, source_lr=6e-4, lr=6e-5,
                       ignore_top=0, ignore_bottom=0,
                       arch=dict(embed_dims=(16, 32, 64, 128), depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8),
                                 sr_ratios=(4, 2, 1, 1)), head_dim=32, proj_dim=32),
@@ -775,9 +776,8 @@ def run(args, info, num_classes):
     prior = class_prior(num_classes, dev) if args.class_prior else None
     pal_name = "cityscapes" if num_classes == 19 else "synthetic"
     palette, names = get_palette(pal_name, num_classes), class_names(pal_name, num_classes)
-    val_loader = torch.utils.data.DataLoader(
-        val, batch_size=1, sampler=D.ShardSampler(len(val), info.rank, info.world_size),
-        num_workers=min(args.workers, 2), collate_fn=collate_single)
+    val_loader = D.data_loader(val, min(args.workers, 2), batch_size=1, collate_fn=collate_single,
+                               sampler=D.ShardSampler(len(val), info.rank, info.world_size))
 
     def run_eval(tag, net):
         vis = overlay_writer(os.path.join(args.work_dir, "vis", tag), val, palette, args.vis, names) \

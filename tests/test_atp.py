@@ -590,3 +590,38 @@ def test_official_checkpoint_layouts(chain, tmp_path):
         assert got["mIoU"] == ref["mIoU"] and got["IoU"] == ref["IoU"]
     torch.save({"state_dict": {f"model.{k}": v for k, v in teacher.items()}}, tmp_path / "teacher.pth")
     assert run(_tiny(tmp, *args, "--checkpoint", str(tmp_path / "teacher.pth")))["IoU"] != ref["IoU"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# the method's effect
+
+def test_the_steps_beat_the_source_model_on_the_target(tmp_path):
+    """The issue's bar on the synthetic domain pair, with fixed seeds: the README's quick start in one
+    process (a 1000-iteration source model, 200 iterations per step, the synthetic preset), each run
+    keeping its best target-val evaluation (best.pt, the release's save_best='mIoU') and each step starting
+    from the previous step's best.pt. The final step's best.pt beats the source model's by 3 mIoU points,
+    and step T, the one that gains, beats it by 3 too. Measured with this recipe on seeds 0 / 1 / 2 / 3:
+    source 50.4 / 46.0 / 39.8 / 46.2, teach 62.0 / 63.2 / 53.3 / 56.3, propagate 59.5 / 60.2 / 48.6 / 51.5
+    (step P's best is its first evaluation: it gives back points over its 200 iterations on this pair)."""
+    syn = ["--preset", "synthetic", "--seed", "0", "--workers", "0", "--vis", "0"]
+    w = tmp_path
+
+    def stage(name, *extra):
+        run(["--stage", name, *syn, "--work-dir", str(w / name), *extra])
+        return torch.load(w / name / "best.pt", weights_only=True) if name != "rank" else None
+
+    best = {"source": stage("source", "--iters", "1000", "--eval-interval", "100")}
+    prev = "source"
+    for name in ("align", "teach"):
+        best[name] = stage(name, "--init", str(w / prev / "best.pt"))
+        prev = name
+    stage("rank", "--init", str(w / "teach" / "best.pt"))
+    best["propagate"] = stage("propagate", "--init", str(w / "teach" / "best.pt"),
+                              "--ranking", str(w / "rank" / "ranking.json"))
+    miou = {k: v["mIoU"] for k, v in best.items()}
+    print(miou)
+    assert miou["teach"] >= miou["source"] + 3, miou
+    assert miou["propagate"] >= miou["source"] + 3, miou
+    # each step evaluated its 200 iterations every 50 (the preset) and kept the best
+    evals = [json.loads(line)["mIoU"] for line in open(w / "propagate" / "log.jsonl") if '"mIoU"' in line]
+    assert len(evals) == 4 and miou["propagate"] == pytest.approx(max(evals))
