@@ -82,3 +82,19 @@ def test_samplers_cover_and_resume():
     resumed = iter(InfiniteSampler(5, rank=1, world_size=2, seed=3, start=7))
     assert [next(resumed) for _ in range(5)] == first[7:]
     assert len({s for _, s in first}) == 12  # every position has its own augmentation seed
+
+
+def test_worker_batches_come_from_a_fork_server_and_equal_the_main_process_ones():
+    """common.dist.data_loader: with workers, the processes come from a fork server (forking the training
+    process in mid-run can deadlock the child, python/cpython#112275), and the batches are those of the
+    main process exactly (each sample's augmentation comes from the sampler's seed, not the worker)."""
+    from common.dist import DistInfo, data_loader, train_batches
+    from common.seg_data import SyntheticSeg, TrainTransform
+    ds = SyntheticSeg(6, 4, size=(24, 24), transform=TrainTransform(scale=(24, 24), crop=16, ratio_range=(0.5, 2.0)))
+    info = DistInfo(0, 0, 1, torch.device("cpu"))
+    loaders = {w: train_batches(ds, 2, info, seed=3, workers=w) for w in (0, 2)}
+    assert loaders[2]._workers and loaders[2]._workers[0]._start_method == "forkserver"
+    for _ in range(4):
+        a, b = next(loaders[0]), next(loaders[2])
+        assert torch.equal(a["img"], b["img"]) and torch.equal(a["label"], b["label"])
+    assert data_loader(ds, 0).multiprocessing_context is None
