@@ -516,6 +516,8 @@ class SyntheticSeg(torch.utils.data.Dataset):
     points on it, most of it objects taken for background, and batch-norm statistics of target batches
     win back a part (bench/synthetic_domain_gap.py). ``with_labels=False`` gives all-255 labels."""
 
+    CACHE_BYTES = 256 << 20
+
     def __init__(self, num_samples=64, num_classes=6, size=(128, 128), split="train", transform=None, seed=0,
                  domain="source", with_labels=True, objects=(1, 4)):
         if num_classes < 2:
@@ -529,7 +531,8 @@ class SyntheticSeg(torch.utils.data.Dataset):
         if not 1 <= objects[0] <= objects[1]:
             raise UserError(f"SyntheticSeg objects={objects}: expected (lo, hi) with 1 <= lo <= hi")
         self.domain, self.with_labels, self.objects = domain, with_labels, tuple(objects)
-        self._cache = {}
+        # generate() keeps what it drew when the whole set fits in CACHE_BYTES
+        self._cache = {} if num_samples * self.size[0] * self.size[1] * 4 <= self.CACHE_BYTES else None
         self.name, self.reduce_zero_label = "synthetic" if domain == "source" else "synthetic_target", False
         self.classes = ["background"] + [SHAPES[(k - 1) % len(SHAPES)] + (f" {(k - 1) // len(SHAPES) + 1}"
                                          if k > len(SHAPES) else "") for k in range(1, num_classes)]
@@ -538,19 +541,15 @@ class SyntheticSeg(torch.utils.data.Dataset):
         return self.num_samples
 
     def generate(self, index):
-        """(image uint8 (H, W, 3) RGB, label uint8 (H, W)) of sample ``index``; a pure function of (seed,
-        split, domain, index), kept in memory after the first call when the whole set fits in
-        CACHE_BYTES (the drawing takes longer than a training step of the quick-start models)."""
-        key = (self.seed, self.split, self.domain, self.objects, self.size, self.num_classes, index)
-        if key not in self._cache:
-            img, label = self._draw(index)
-            if self.num_samples * self.size[0] * self.size[1] * 4 > self.CACHE_BYTES:
-                return img, label
-            self._cache[key] = (img, label)
-        img, label = self._cache[key]
+        """(image uint8 (H, W, 3) RGB, label uint8 (H, W)) of sample ``index``, a pure function of the
+        constructor's arguments and ``index``; kept in memory after the first call when the whole set fits
+        in CACHE_BYTES (the drawing takes longer than a training step of the quick-start models)."""
+        if self._cache is None:
+            return self._draw(index)
+        if index not in self._cache:
+            self._cache[index] = self._draw(index)
+        img, label = self._cache[index]
         return img.copy(), label.copy()
-
-    CACHE_BYTES = 256 << 20
 
     def _draw(self, index):
         key = [self.seed, 0 if self.split == "train" else 1, index]
